@@ -1,0 +1,261 @@
+"""The folding math, in one place: numpy only, float64 inside, rounded once to the layer's dtype.
+
+A BatchNorm at inference (and any chain of per-channel Mul/Add/Sub/Div) is a per-channel affine map
+``y = s·x + t`` on axis 1. Folding it into a linear layer is exact in real arithmetic:
+
+* into the producer (layer → affine), per *output* channel::
+
+      W' = s ⊙_out W,     b' = s·b + t
+
+* into the consumer (affine → layer), per *input* channel, only where the layer adds no padding::
+
+      W' = W ⊙_in s,      b' = b + Σ_{in,k} W[out, in, k] · t[in]
+
+Every function here takes the stored values, computes in float64 and returns float64; the caller
+rounds once with :func:`round_to_dtype`, which refuses fp16/bf16 overflow instead of writing ``inf``.
+No onnx or torch import: both front-ends share this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+try:  # ml_dtypes ships with onnx; it is what gives numpy a bfloat16
+    import ml_dtypes
+
+    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - onnx always brings it
+    ml_dtypes = None
+    BFLOAT16 = None
+
+F64 = np.float64
+FRAGILE_SCALE = 1e4
+"""A channel whose |s| exceeds this amplifies noise so much that the original model was fragile."""
+
+
+class FoldOverflowError(ValueError):
+    """A folded value does not fit the layer's dtype (e.g. beyond 65504 in float16)."""
+
+
+@dataclass
+class Affine:
+    """A per-channel affine map ``y = scale·x + shift`` on axis 1, in float64."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+    def then(self, other: "Affine") -> "Affine":
+        """The map ``other ∘ self``: apply self first, then other."""
+        return Affine(other.scale * self.scale, other.scale * self.shift + other.shift, self.notes + other.notes)
+
+    @staticmethod
+    def identity(channels: int) -> "Affine":
+        return Affine(np.ones(channels, F64), np.zeros(channels, F64))
+
+
+def as_f64(values: np.ndarray) -> np.ndarray:
+    """The stored values as float64 (bfloat16 and float16 widen exactly)."""
+    return np.asarray(values).astype(F64)
+
+
+def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
+    """``s = γ/√(σ²+ε)``, ``t = β − s·μ`` from the stored BatchNorm parameters.
+
+    Also notes the channels a user should know about: a tiny ``σ²+ε`` (huge scale: the original model
+    already amplifies noise there) and ``γ = 0`` (a dead channel: its output is the constant β).
+    """
+    gamma, beta, mean, var = (as_f64(a).reshape(-1) for a in (gamma, beta, mean, var))
+    denom = np.sqrt(var + F64(epsilon))
+    scale = gamma / denom
+    shift = beta - scale * mean
+    notes: list[str] = []
+    fragile = np.flatnonzero(np.abs(scale) > FRAGILE_SCALE)
+    if fragile.size:
+        notes.append(
+            f"{fragile.size} channel(s) with |scale| > {FRAGILE_SCALE:g} (var+eps as small as "
+            f"{float(np.min((var + epsilon)[fragile])):.3g}); the original model already amplifies noise there: "
+            f"channels {_channel_list(fragile)}"
+        )
+    dead = np.flatnonzero(gamma == 0)
+    if dead.size:
+        notes.append(f"{dead.size} dead channel(s) with gamma = 0 (constant output): channels {_channel_list(dead)}")
+    return Affine(scale, shift, notes)
+
+
+def _channel_list(idx: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(i)) for i in idx[:limit])
+    return shown + (f", … (+{idx.size - limit})" if idx.size > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fold into the producer (layer → affine): scale the output channels.
+# ---------------------------------------------------------------------------------------------
+def _along(axis: int, ndim: int, v: np.ndarray) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def fold_into_conv(weight, bias, a: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """Conv weight ``[C_out, C_in/g, k…]``: the output channel is axis 0, whatever the groups."""
+    w = as_f64(weight)
+    b = np.zeros(w.shape[0], F64) if bias is None else as_f64(bias).reshape(-1)
+    return w * _along(0, w.ndim, a.scale), a.scale * b + a.shift
+
+
+def fold_into_conv_transpose(weight, bias, a: Affine, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """ConvTranspose weight ``[C_in, C_out/g, k…]``: output channel ``j·(C_out/g)+k`` of group j.
+
+    Reshape to ``[g, C_in/g, C_out/g, k…]`` and scale axis 2 by ``s`` viewed as ``[g, C_out/g]``.
+    """
+    w = as_f64(weight)
+    c_in, c_out_g = w.shape[0], w.shape[1]
+    grouped = w.reshape(groups, c_in // groups, c_out_g, *w.shape[2:])
+    s = a.scale.reshape(groups, 1, c_out_g, *([1] * (w.ndim - 2)))
+    c_out = groups * c_out_g
+    b = np.zeros(c_out, F64) if bias is None else as_f64(bias).reshape(-1)
+    return (grouped * s).reshape(w.shape), a.scale * b + a.shift
+
+
+def fold_into_gemm(b_matrix, c, a: Affine, *, trans_b: bool, beta: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Gemm ``Y = α·A'·B' + β·C``: scale B's output columns; the bias lives in C *times β*.
+
+    Returns ``(B', C', β')``: ``C' = s·C + t/β``, or ``C' = t`` with ``β' = 1`` where C is absent or β = 0.
+    C may be scalar, ``[N]``, ``[1, N]``, ``[M, 1]`` or ``[M, N]``: numpy broadcasting of C against s is
+    the Gemm's own broadcasting against ``[M, N]``.
+    """
+    bm = as_f64(b_matrix)
+    folded_b = bm * (a.scale[:, None] if trans_b else a.scale[None, :])
+    if c is None or beta == 0.0:
+        return folded_b, a.shift.copy(), 1.0
+    return folded_b, a.scale * as_f64(c) + a.shift / F64(beta), beta
+
+
+def fold_into_matmul(b_matrix, bias, a: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """MatMul ``A[M,K] · B[K,N]`` (+ bias): scale B's columns; the bias becomes ``s·b + t``."""
+    bm = as_f64(b_matrix)
+    b = np.zeros(bm.shape[1], F64) if bias is None else as_f64(bias)
+    return bm * a.scale[None, :], a.scale * b + a.shift
+
+
+# ---------------------------------------------------------------------------------------------
+# Fold into the consumer (affine → layer): scale the input channels, push the shift into the bias.
+# ---------------------------------------------------------------------------------------------
+def fold_into_conv_input(weight, bias, a: Affine, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Conv ``[C_out, C_in/g, k…]`` fed by an affine map on its input channels (no padding!).
+
+    Input channel ``c`` of group ``j`` is column ``c − j·C_in/g``; output ``o`` belongs to group
+    ``o // (C_out/g)``. With zero padding the border sees raw zeros, not ``t``: the caller refuses that.
+    """
+    w = as_f64(weight)
+    c_out, c_in_g = w.shape[0], w.shape[1]
+    s = a.scale.reshape(groups, c_in_g)
+    t = a.shift.reshape(groups, c_in_g)
+    group_of = np.arange(c_out) // (c_out // groups)
+    s_per_out = s[group_of]  # [C_out, C_in/g]
+    t_per_out = t[group_of]
+    extra = (w * t_per_out.reshape(c_out, c_in_g, *([1] * (w.ndim - 2)))).reshape(c_out, -1).sum(axis=1)
+    b = np.zeros(c_out, F64) if bias is None else as_f64(bias).reshape(-1)
+    return w * s_per_out.reshape(c_out, c_in_g, *([1] * (w.ndim - 2))), b + extra
+
+
+def fold_into_gemm_input(
+    b_matrix, c, a: Affine, *, trans_b: bool, alpha: float, beta: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Gemm with ``transA = 0`` fed by an affine map on A's columns (the K axis).
+
+    ``A·B' = (X·diag(s) + 1·tᵀ)·B' = X·(diag(s)·B') + 1·(tᵀ·B')``, so ``B'' = diag(s)·B'`` and the bias
+    gains ``α·(tᵀ·B')/β``. Returns ``(B'', C', β')``.
+    """
+    bm = as_f64(b_matrix)
+    bt = bm.T if trans_b else bm  # [K, N]
+    new_bt = bt * a.scale[:, None]
+    extra = F64(alpha) * (a.shift @ bt)  # [N]
+    folded_b = new_bt.T if trans_b else new_bt
+    if c is None or beta == 0.0:
+        return folded_b, extra, 1.0
+    return folded_b, as_f64(c) + extra / F64(beta), beta
+
+
+def fold_into_matmul_input(b_matrix, bias, a: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """MatMul ``X[M,K] · B[K,N]`` fed by an affine map on X's columns: ``B' = diag(s)·B``, bias ``+= tᵀ·B``."""
+    bm = as_f64(b_matrix)
+    extra = a.shift @ bm
+    b = extra if bias is None else as_f64(bias) + extra
+    return bm * a.scale[:, None], b
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding back, once.
+# ---------------------------------------------------------------------------------------------
+def finfo(dtype: np.dtype):
+    """finfo that also knows bfloat16."""
+    dtype = np.dtype(dtype)
+    if BFLOAT16 is not None and dtype == BFLOAT16:
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
+
+
+def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float64 → bfloat16 rounded once to nearest, ties to even.
+
+    ``astype(bfloat16)`` goes through float32 and can round twice (1 + 2⁻⁸ + 2⁻³⁰ → 1.0 instead of
+    1 + 2⁻⁷); here the two bfloat16 neighbours of the float32 truncation are compared in float64.
+    """
+    x = np.asarray(x, F64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f32 = x.astype(np.float32)
+    bits = f32.view(np.uint32) & np.uint32(0xFFFF0000)
+    with np.errstate(invalid="ignore", over="ignore"):
+        best = bits
+        best_err = np.abs(bits.view(np.float32).astype(F64) - x)
+        for cb in (bits - np.uint32(0x10000), bits + np.uint32(0x10000)):
+            val = cb.view(np.float32).astype(F64)
+            err = np.abs(val - x)
+            even = (cb & np.uint32(0x10000)) == 0
+            better = np.isfinite(val) & ((err < best_err) | ((err == best_err) & even))
+            best = np.where(better, cb, best)
+            best_err = np.where(better, err, best_err)
+    out = best.astype(np.uint32).view(np.float32)
+    # inf/nan and values beyond the largest finite bfloat16 keep float32 semantics.
+    special = ~np.isfinite(x) | (np.abs(x) >= float(ml_dtypes.finfo(BFLOAT16).max) * (1 + 2**-9))
+    out = np.where(special, x.astype(np.float32), out)
+    return out.astype(BFLOAT16)
+
+
+def round_to_dtype(values: np.ndarray, dtype: np.dtype, what: str) -> tuple[np.ndarray, int]:
+    """Round float64 ``values`` once to ``dtype``; flush results that land subnormal to zero.
+
+    Returns ``(array, flushed)``. Raises :class:`FoldOverflowError` when a finite value would become
+    infinite (``what`` names the tensor in the message). Subnormal results are flushed because many
+    runtimes flush them anyway and they are slow where they do not; the count goes in the report.
+    """
+    dtype = np.dtype(dtype)
+    v = np.asarray(values, F64)
+    if BFLOAT16 is not None and dtype == BFLOAT16:
+        out = _round_to_bfloat16(v)
+    else:
+        with np.errstate(over="ignore"):
+            out = v.astype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        return out, 0
+    back = out.astype(F64)
+    overflow = np.isfinite(v) & ~np.isfinite(back)
+    if overflow.any():
+        worst = float(np.max(np.abs(v[overflow])))
+        raise FoldOverflowError(
+            f"folded {what} reaches {worst:.6g}, beyond the largest {dtype.name} ({float(finfo(dtype).max):.6g})"
+        )
+    tiny = float(finfo(dtype).tiny)
+    sub = (back != 0) & (np.abs(back) < tiny)
+    flushed = int(sub.sum())
+    if flushed:
+        out = np.where(sub, np.zeros((), dtype), out).astype(dtype)
+    return out, flushed
