@@ -1,0 +1,240 @@
+"""`fold_onnx` and `check_onnx`: the ONNX pass wrapped with its preconditions and postconditions.
+
+Precondition: the model passes `onnx.checker`. Postcondition: the folded model passes the full checker
+(with strict shape inference). A model in which nothing folds is returned as it came, so running
+bnfold on its own output changes nothing, byte for byte. `check_onnx` runs exactly the same pass on
+an in-memory copy and reports FOLDED as FOLDABLE: the check and the fold can never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from bnfold.errors import InputError
+from bnfold.onnx import io
+from bnfold.onnx.constants import ConstantResolver
+from bnfold.onnx.fold import PassState, fold_graph
+from bnfold.report import FoldReport, Status
+
+ModelLike = "onnx.ModelProto | str | os.PathLike[str]"
+
+
+def fold_onnx(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    *,
+    assume_constant: bool = False,
+    dry_run: bool = False,
+) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every BatchNorm (and per-channel affine chain) that can be folded exactly.
+
+    ``model``: a path or an in-memory ``ModelProto`` (never mutated). ``assume_constant``: treat
+    initializers that are also graph inputs (IR ≥ 4) as constants. Returns the folded model and the report.
+    """
+    start = time.perf_counter()
+    source, proto = _load(model)
+    report = FoldReport(source=source, dry_run=dry_run)
+    folded, state = _fold(proto, assume_constant)
+    report.candidates = state.candidates if state else []
+    report.notes = list(state.notes) if state else []
+    report.nodes_before = count_nodes(proto.graph) + sum(len(f.node) for f in proto.functions)
+    report.params_before = count_params(proto)
+    changed = any(c.status is Status.FOLDED for c in report.candidates)
+    if not changed:
+        folded = proto
+    else:
+        io.check_model(folded, what=f"{source} (folded)", full=True)
+    report.nodes_after = count_nodes(folded.graph) + sum(len(f.node) for f in folded.functions)
+    report.params_after = count_params(folded)
+    if dry_run:
+        for c in report.candidates:
+            if c.status is Status.FOLDED:
+                c.status = Status.FOLDABLE
+        folded = proto
+    if proto.ir_version < 4 and changed:
+        report.notes.append(
+            f"IR version {proto.ir_version}: initializers listed as graph inputs were treated as constants "
+            "(that version of the spec requires the listing); folded BatchNorm parameters were dropped from the inputs"
+        )
+    report.seconds = time.perf_counter() - start
+    return folded, report
+
+
+def check_onnx(
+    model: onnx.ModelProto | str | os.PathLike[str], *, assume_constant: bool = False
+) -> FoldReport:
+    """A dry run of the fold: which BatchNorms could be folded, and why the others cannot. Writes nothing."""
+    return fold_onnx(model, assume_constant=assume_constant, dry_run=True)[1]
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[str, onnx.ModelProto]:
+    if isinstance(model, onnx.ModelProto):
+        io.check_model(model, what="model")
+        return "<memory>", model
+    if isinstance(model, (str, os.PathLike)):
+        return str(model), io.load_model(model)
+    raise InputError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+def _fold(proto: onnx.ModelProto, assume_constant: bool) -> tuple[onnx.ModelProto, PassState]:
+    """Import into onnx-graphsurgeon, fold, export, and restore what the export does not carry."""
+    overridable = _overridable_initializers(proto)
+    treat_as_constant = assume_constant or proto.ir_version < 4
+    shapes = infer_shapes(proto)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
+    graph = gs.import_onnx(proto)
+    resolver = ConstantResolver(overridable, treat_as_constant, shapes, opset)
+    names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
+    state = PassState(resolver, shapes, names)
+    fold_graph(graph, state)
+    for function in getattr(graph, "functions", []):
+        fold_graph(function, state, f"function {function.domain}.{function.name}")
+    if not any(c.status is Status.FOLDED for c in state.candidates):
+        return proto, state
+    graph.toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto) if proto.ByteSize() < io.PROTOBUF_LIMIT else _copy_without_graph(proto, out)
+    out.graph.CopyFrom(exported.graph)
+    del out.functions[:]
+    out.functions.extend(exported.functions or proto.functions)
+    _restore_graph_inputs(proto, out, overridable, state.modified)
+    _keep_value_info_order(proto, out)
+    return out, state
+
+
+def _copy_without_graph(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, field, getattr(src, field))
+    dst.opset_import.extend(src.opset_import)
+    dst.metadata_props.extend(src.metadata_props)
+
+
+def _overridable_initializers(proto: onnx.ModelProto) -> set[str]:
+    inputs = {i.name for i in proto.graph.input}
+    return {t.name for t in proto.graph.initializer if t.name in inputs}
+
+
+def _restore_graph_inputs(src: onnx.ModelProto, out: onnx.ModelProto, overridable: set[str], modified: set[str]) -> None:
+    """onnx-graphsurgeon drops initializers from the graph inputs; put back the ones that belong there.
+
+    IR < 4 requires every initializer to be listed as an input, so all remaining ones are. From IR 4 on,
+    listed initializers are overridable defaults: those the fold left untouched stay listed, the ones it
+    changed (with --assume-constant) are dropped, since overriding them would no longer mean the same.
+    """
+    present = {t.name for t in out.graph.initializer}
+    listed = {i.name for i in out.graph.input}
+    originals = {i.name: i for i in src.graph.input}
+    new_inputs = []
+    for inp in src.graph.input:
+        if inp.name in listed:
+            new_inputs.append(inp)
+        elif inp.name in overridable and inp.name in present and (src.ir_version < 4 or inp.name not in modified):
+            new_inputs.append(inp)
+    if src.ir_version < 4:
+        for t in out.graph.initializer:
+            if t.name not in originals:
+                new_inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    by_name = {i.name: i for i in out.graph.input}
+    final = [by_name.get(i.name, i) for i in new_inputs]
+    del out.graph.input[:]
+    out.graph.input.extend(final)
+
+
+def _keep_value_info_order(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """Keep only the value_info the source had (for tensors that still exist): no invented annotations."""
+    keep = {v.name for v in src.graph.value_info}
+    remaining = [v for v in out.graph.value_info if v.name in keep]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(remaining)
+
+
+def infer_shapes(proto: onnx.ModelProto) -> dict[str, tuple[list[int | None], int]]:
+    """Static shapes and element types of every tensor onnx can infer, subgraphs included.
+
+    Runs on a skeleton of the model (large initializers replaced by typed graph inputs), so it works
+    for models over 2 GB and costs no copy of the weights.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = proto.ir_version
+    skeleton.opset_import.extend(proto.opset_import)
+    skeleton.functions.extend(proto.functions)
+    g = skeleton.graph
+    g.name = proto.graph.name
+    g.node.extend(proto.graph.node)
+    g.input.extend(proto.graph.input)
+    g.output.extend(proto.graph.output)
+    g.value_info.extend(proto.graph.value_info)
+    listed = {i.name for i in proto.graph.input}
+    for t in proto.graph.initializer:
+        if _num_elements(t) <= 64 or t.data_location == onnx.TensorProto.EXTERNAL and False:
+            g.initializer.append(t)
+        if t.name not in listed and _num_elements(t) > 64:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    g.sparse_initializer.extend(proto.graph.sparse_initializer)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = skeleton
+    shapes: dict[str, tuple[list[int | None], int]] = {}
+    for graph in _all_graphs(inferred.graph):
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            tt = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type"):
+                continue
+            dims: list[int | None] | None
+            if tt.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            else:
+                dims = None
+            shapes[vi.name] = (dims, tt.elem_type)  # type: ignore[assignment]
+        for t in graph.initializer:
+            shapes[t.name] = (list(t.dims), t.data_type)
+    for t in proto.graph.initializer:
+        shapes[t.name] = (list(t.dims), t.data_type)
+    return shapes
+
+
+def _num_elements(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_graphs(g)
+
+
+def count_nodes(graph: onnx.GraphProto) -> int:
+    return sum(1 for g in _all_graphs(graph) for _ in g.node)
+
+
+def count_params(proto: onnx.ModelProto) -> int:
+    """Elements held in initializers and Constant nodes (all graphs)."""
+    total = 0
+    for g in _all_graphs(proto.graph):
+        total += sum(_num_elements(t) for t in g.initializer)
+        for n in g.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.type == onnx.AttributeProto.TENSOR:
+                        total += _num_elements(a.t)
+    return total
+
+
+def default_output_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.with_name(p.stem + ".folded" + p.suffix)

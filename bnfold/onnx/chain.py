@@ -1,0 +1,133 @@
+"""Per-channel affine nodes and the chains they form.
+
+A BatchNormalization at inference, and a Mul/Add/Sub/Div by a constant that is provably per-channel on
+axis 1, are each a map ``y = s·x + t``. A run of them in which every intermediate tensor has exactly one
+consumer composes into one (s, t) and folds as one. "Provably per-channel" means the constant,
+right-aligned against the data's rank, is 1 on every axis but axis 1: a ``[C]`` constant multiplied onto
+``[N, C, H, W]`` broadcasts along the width and is *not* per-channel, even when W == C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from bnfold.affine import Affine, as_f64, batchnorm_affine
+from bnfold.onnx.constants import ConstantResolver
+from bnfold.report import Reason, SkipReason
+
+FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
+
+
+@dataclass
+class AffineStep:
+    node: gs.Node
+    affine: Affine
+    data: gs.Tensor  # the input that carries the activations
+
+
+def display(node: gs.Node) -> str:
+    """A node's name, or a stand-in naming its op and first output when it has none."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else "?"
+    return f"<{node.op} → {out}>"
+
+
+def is_graph_output(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def batchnorm_step(node: gs.Node, resolver: ConstantResolver) -> AffineStep | SkipReason:
+    """A BatchNormalization as an affine step, or the reason it cannot be one."""
+    name = display(node)
+    extra = [o for o in node.outputs[1:] if o.name]
+    if int(node.attrs.get("training_mode", 0)) == 1 or extra:
+        what = "training_mode=1" if int(node.attrs.get("training_mode", 0)) == 1 else "it has the training outputs"
+        return SkipReason(Reason.TRAINING_MODE, f"'{name}' is in training mode ({what})")
+    if int(node.attrs.get("spatial", 1)) == 0:
+        return SkipReason(
+            Reason.UNSUPPORTED,
+            f"'{name}' has spatial=0 (per-element statistics, opset < 9); only per-channel BatchNorm folds",
+        )
+    params = []
+    for label, tensor in zip(("scale", "B", "mean", "var"), node.inputs[1:5]):
+        r = resolver.resolve(tensor)
+        if not r.ok:
+            assert r.reason is not None
+            return SkipReason(r.reason.code, f"'{name}' {label}: {r.reason.message}")
+        params.append(r.value)
+    if len(params) != 4:
+        return SkipReason(Reason.UNSUPPORTED, f"'{name}' lacks some of its 4 parameters")
+    sizes = {int(np.asarray(p).size) for p in params}
+    if len(sizes) != 1:
+        return SkipReason(Reason.SHAPE_MISMATCH, f"'{name}' parameters have different lengths {sorted(sizes)}")
+    epsilon = float(node.attrs.get("epsilon", 1e-5))
+    affine = batchnorm_affine(*params, epsilon=epsilon)
+    affine.notes = [f"{name}: {n}" for n in affine.notes]
+    return AffineStep(node, affine, node.inputs[0])
+
+
+def elementwise_step(
+    node: gs.Node, resolver: ConstantResolver, rank_of: "callable[[gs.Tensor], int | None]"
+) -> AffineStep | None:
+    """Mul/Add/Sub/Div by a per-channel constant as an affine step; None when it is anything else."""
+    if node.op not in ELEMENTWISE or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    a, b = node.inputs
+    ra, rb = resolver.resolve(a), resolver.resolve(b)
+    if ra.ok == rb.ok:  # both constant (a constant subexpression) or neither
+        return None
+    data, const, const_first = (b, ra.value, True) if ra.ok else (a, rb.value, False)
+    assert const is not None
+    if np.asarray(const).dtype not in FLOAT_DTYPES and not _is_bfloat16(const):
+        return None
+    vec = per_channel_vector(np.asarray(const), rank_of(data))
+    if vec is None:
+        return None
+    c = as_f64(vec)
+    if node.op == "Mul":
+        return AffineStep(node, Affine(c, np.zeros_like(c)), data)
+    if node.op == "Add":
+        return AffineStep(node, Affine(np.ones_like(c), c), data)
+    if node.op == "Sub":
+        if const_first:  # c - x
+            return AffineStep(node, Affine(-np.ones_like(c), c), data)
+        return AffineStep(node, Affine(np.ones_like(c), -c), data)
+    if const_first:  # c / x is not affine
+        return None
+    if np.any(c == 0):
+        return None
+    return AffineStep(node, Affine(1.0 / c, np.zeros_like(c)), data)
+
+
+def per_channel_vector(const: np.ndarray, data_rank: int | None) -> np.ndarray | None:
+    """The constant as a vector over axis 1 (length C or 1), or None if it is not per-channel.
+
+    Right-align the constant's shape against the data's rank (numpy/ONNX broadcasting): every axis but
+    axis 1 must be 1. With the data's rank unknown only a scalar-like constant (rank ≤ 1, size 1) is safe.
+    """
+    shape = list(const.shape)
+    if data_rank is None:
+        return const.reshape(1) if const.size == 1 and len(shape) <= 1 else None
+    if len(shape) > data_rank or data_rank < 2:
+        return None
+    aligned = [1] * (data_rank - len(shape)) + shape
+    if any(d != 1 for i, d in enumerate(aligned) if i != 1):
+        return None
+    return const.reshape(-1)
+
+
+def _is_bfloat16(value: np.ndarray) -> bool:
+    return np.asarray(value).dtype.name == "bfloat16"
+
+
+def compose(steps: list[AffineStep]) -> Affine:
+    """The steps applied in order, as one affine map (lengths C or 1 broadcast)."""
+    total = steps[0].affine
+    for step in steps[1:]:
+        total = total.then(step.affine)
+    return total

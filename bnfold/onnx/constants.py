@@ -1,0 +1,209 @@
+"""Which tensors are constants, and their values.
+
+Exporters hand over constants in many shapes: plain initializers, `Constant` nodes, an `Identity` of a
+de-duplicated initializer, weights built by `ConstantOfShape`, a `Transpose` of an initializer, and —
+`torch.onnx.export(dynamo=True, optimize=False)` — every conv bias as
+`Expand(CastLike(0, <input>), Shape(weight)[0])`. A value counts as constant when it is computed only
+from constants and from what is fixed by the model itself: a tensor's static shape (`Shape`, `Size`)
+or its element type (`CastLike`'s second input). Such subexpressions are evaluated node by node with
+onnx's reference implementation, so no operator semantics are re-written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from bnfold.report import Reason, SkipReason
+
+NON_DETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+MAX_EVAL_ELEMENTS = 1 << 28
+"""Refuse to materialise a computed constant larger than this (elements): it is not a parameter."""
+
+
+@dataclass
+class Resolved:
+    """A tensor's constant value, or why it has none."""
+
+    value: np.ndarray | None
+    reason: SkipReason | None = None
+    overridable: bool = False  # an initializer that is also a graph input (assumed constant)
+
+    @property
+    def ok(self) -> bool:
+        return self.value is not None
+
+
+class ConstantResolver:
+    """Resolves tensors to constant values for one graph (its subgraphs see the outer constants)."""
+
+    def __init__(
+        self,
+        overridable: set[str],
+        assume_constant: bool,
+        shapes: dict[str, tuple[list[int | None], int]],
+        opset: int,
+    ) -> None:
+        self.overridable = overridable
+        self.assume_constant = assume_constant
+        self.shapes = shapes
+        self.opset = opset
+        self._memo: dict[int, Resolved] = {}
+
+    def resolve(self, tensor: gs.Tensor | None) -> Resolved:
+        if tensor is None:
+            return Resolved(None, SkipReason(Reason.NOT_CONSTANT, "missing input"))
+        key = id(tensor)
+        if key not in self._memo:
+            self._memo[key] = self._resolve(tensor, depth=0)
+        return self._memo[key]
+
+    def forget(self, tensor: gs.Tensor) -> None:
+        """Drop a memoised value after the fold rewrote the tensor."""
+        self._memo.pop(id(tensor), None)
+
+    # ------------------------------------------------------------------------------------------
+    def _resolve(self, tensor: gs.Tensor, depth: int) -> Resolved:
+        if isinstance(tensor, gs.Constant):
+            if tensor.name in self.overridable:
+                if not self.assume_constant:
+                    return Resolved(
+                        None,
+                        SkipReason(
+                            Reason.OVERRIDABLE_INITIALIZER,
+                            f"'{tensor.name}' is an initializer that is also a graph input, so callers may override it",
+                        ),
+                    )
+                return Resolved(_values(tensor), overridable=True)
+            return Resolved(_values(tensor))
+        if depth > 64:
+            return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' is computed too deep to evaluate"))
+        if not tensor.inputs:
+            return Resolved(
+                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' is a graph input, not a constant")
+            )
+        node: gs.Node = tensor.inputs[0]
+        if node.op == "Constant":
+            return Resolved(_constant_node_value(node))
+        if node.op in ("Shape", "Size"):
+            return self._static_shape_value(node, tensor)
+        if node.op in NON_DETERMINISTIC or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' is computed at run time by {node.op}"))
+        inputs: list[np.ndarray | None] = []
+        for i, inp in enumerate(node.inputs):
+            if inp.name == "" and isinstance(inp, gs.Variable):
+                inputs.append(None)
+                continue
+            if node.op == "CastLike" and i == 1:  # only the element type of the second input matters
+                dtype = _dtype_of(inp, self.shapes)
+                if dtype is None:
+                    return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"type of '{inp.name}' unknown"))
+                inputs.append(np.zeros((), dtype))
+                continue
+            r = self._memo.get(id(inp)) or self._resolve(inp, depth + 1)
+            self._memo[id(inp)] = r
+            if not r.ok:
+                msg = r.reason.message if r.reason else ""
+                code = r.reason.code if r.reason else Reason.NOT_CONSTANT
+                return Resolved(None, SkipReason(code, f"'{tensor.name}' depends on {msg}"))
+            inputs.append(r.value)
+        try:
+            outputs = _evaluate(node, inputs, self.opset)
+        except Exception as exc:  # the reference runtime lacks an op or the inputs are odd
+            return Resolved(
+                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) could not be evaluated: {exc}")
+            )
+        idx = [o.name for o in node.outputs].index(tensor.name)
+        value = np.asarray(outputs[idx])
+        if value.size > MAX_EVAL_ELEMENTS:
+            return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' is too large to evaluate"))
+        return Resolved(value)
+
+    def _static_shape_value(self, node: gs.Node, tensor: gs.Tensor) -> Resolved:
+        src = node.inputs[0]
+        shape = _static_shape(src, self.shapes)
+        if shape is None:
+            return Resolved(
+                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' is the shape of '{src.name}', not static")
+            )
+        if node.op == "Size":
+            return Resolved(np.array(int(np.prod(shape)), dtype=np.int64))
+        start = int(node.attrs.get("start", 0))
+        end = node.attrs.get("end")
+        sliced = shape[start:] if end is None else shape[start : int(end)]
+        return Resolved(np.array(sliced, dtype=np.int64))
+
+
+def _values(tensor: gs.Constant) -> np.ndarray:
+    values = tensor.values
+    if hasattr(values, "load"):  # gs.LazyValues
+        values = values.load()
+    return np.asarray(values)
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray:
+    value = node.attrs.get("value")
+    if isinstance(value, gs.Constant):
+        return _values(value)
+    if value is not None:
+        return np.asarray(value)
+    for key, dtype in (
+        ("value_float", np.float32),
+        ("value_floats", np.float32),
+        ("value_int", np.int64),
+        ("value_ints", np.int64),
+    ):
+        if key in node.attrs:
+            return np.asarray(node.attrs[key], dtype=dtype)
+    raise ValueError(f"Constant node {node.name!r} has no supported value attribute")
+
+
+def _static_shape(tensor: gs.Tensor, shapes: dict[str, tuple[list[int | None], int]]) -> list[int] | None:
+    if isinstance(tensor, gs.Constant):
+        return list(tensor.shape)
+    info = shapes.get(tensor.name)
+    shape = info[0] if info else (tensor.shape if tensor.shape is not None else None)
+    if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _dtype_of(tensor: gs.Tensor, shapes: dict[str, tuple[list[int | None], int]]) -> np.dtype | None:
+    if isinstance(tensor, gs.Constant):
+        return _values(tensor).dtype
+    info = shapes.get(tensor.name)
+    if info and info[1]:
+        return helper.tensor_dtype_to_np_dtype(info[1])
+    if tensor.dtype is not None:
+        try:
+            return np.dtype(tensor.dtype)
+        except TypeError:
+            return None
+    return None
+
+
+def _evaluate(node: gs.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """Run one node with onnx's reference implementation."""
+    from onnx.reference import ReferenceEvaluator
+
+    in_names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
+    out_names = [f"o{k}" for k in range(len(node.outputs))]
+    attrs = {}
+    for key, val in node.attrs.items():
+        if isinstance(val, gs.Constant):
+            val = onnx.numpy_helper.from_array(_values(val))
+        attrs[key] = val
+    proto = helper.make_node(node.op, in_names, out_names, domain=node.domain or "", **attrs)
+    feeds = {n: v for n, v in zip(in_names, inputs) if n}
+    graph = helper.make_graph(
+        [proto],
+        "eval",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in out_names],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(node.domain or "", opset)])
+    return list(ReferenceEvaluator(model).run(None, feeds))

@@ -1,0 +1,141 @@
+"""Reading and writing models without ever losing the user's files.
+
+Loading turns every way a file can be wrong into one `InputError` line. Saving writes into a
+temporary folder beside the target and renames into place, so a failure leaves nothing half-written
+and the input is never overwritten unless the caller asked for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from bnfold.errors import InputError, OutputError
+
+PROTOBUF_LIMIT = 2**31 - 1
+"""A ModelProto above this size cannot be serialised in one piece: its tensors must go external."""
+
+
+def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model with its external data; raise `InputError` with one line on any problem."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, not an .onnx file")
+    try:
+        model = onnx.load_model(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise InputError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
+    except Exception as exc:  # protobuf raises assorted types on random bytes
+        raise InputError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise InputError(f"{p}: not an ONNX model (no graph; is it truncated or another format?)")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except (FileNotFoundError, OSError) as exc:
+        missing = getattr(exc, "filename", None) or _short(exc)
+        raise InputError(f"{p}: external data file missing or unreadable: {missing}") from None
+    except Exception as exc:
+        raise InputError(f"{p}: cannot read external data ({_short(exc)})") from None
+    if check:
+        check_model(model, what=str(p))
+    return model
+
+
+def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> None:
+    """`onnx.checker` as a precondition/postcondition, turned into one `InputError` line."""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            return _check_large(model, full=full)
+        onnx.checker.check_model(model, full_check=full)
+    except onnx.checker.ValidationError as exc:
+        raise InputError(f"{what}: fails the ONNX checker: {_short(exc)}") from None
+    except onnx.shape_inference.InferenceError as exc:
+        raise InputError(f"{what}: fails ONNX shape inference: {_short(exc)}") from None
+
+
+def _check_large(model: onnx.ModelProto, *, full: bool) -> None:
+    """The checker takes a path for models over 2 GB; write a temporary copy with external data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
+        onnx.checker.check_model(path, full_check=full)
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True when the file the model came from kept tensors outside the .onnx file."""
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL or t.external_data
+        for t in onnx.external_data_helper._get_all_tensors(model)
+    )
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    overwrite_ok: bool = True,
+) -> list[Path]:
+    """Write atomically: into a temporary folder next to `path`, then rename into place.
+
+    ``external_data=None`` keeps tensors inline unless the model is over 2 GB; ``True`` writes them to
+    ``<name>.data`` beside the model. Returns the paths written (model last).
+    """
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OutputError(f"{target}: is a directory; give a file name for the output")
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: output folder does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: output folder is not writable")
+    if target.exists() and not overwrite_ok:
+        raise OutputError(f"{target}: exists; refusing to overwrite")
+    if external_data is None:
+        external_data = model.ByteSize() > PROTOBUF_LIMIT
+    data_name = target.name + ".data"
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".bnfold-", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{parent}: cannot write there ({_short(exc)})") from None
+    written: list[Path] = []
+    try:
+        tmp_model = os.path.join(tmpdir, target.name)
+        try:
+            if external_data:
+                onnx.save_model(
+                    model,
+                    tmp_model,
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=data_name,
+                    size_threshold=1024,
+                )
+                # save_model moved the tensors out of `model`; bring them back so the caller's copy stays whole.
+                onnx.external_data_helper.load_external_data_for_model(model, tmpdir)
+            else:
+                with open(tmp_model, "wb") as fh:
+                    fh.write(model.SerializeToString())
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{target}: cannot write ({_short(exc)})") from None
+        tmp_data = os.path.join(tmpdir, data_name)
+        if os.path.exists(tmp_data):
+            os.replace(tmp_data, parent / data_name)
+            written.append(parent / data_name)
+        os.replace(tmp_model, target)
+        written.append(target)
+        return written
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
