@@ -273,7 +273,7 @@ def _flatten_repeat(node: gs.Node, y: gs.Tensor, planner: Planner, state: PassSt
 def _apply_producer(graph: gs.Graph, plan: LayerPlan, steps: list[AffineStep], y: gs.Tensor, state: PassState) -> None:
     """The producer takes over the chain's output tensor, so graph-output names survive."""
     producer = plan.node
-    _write_params(plan, state)
+    _write_params(graph, plan, state)
     last = steps[-1].node
     last.outputs.clear()
     if plan.bias_after is not None:
@@ -298,7 +298,7 @@ def _apply_consumer(
 ) -> None:
     """The consumer (or the Flatten before it) reads the chain's input instead of its output."""
     consumer = plan.node
-    _write_params(plan, state)
+    _write_params(graph, plan, state)
     reader = flatten if flatten is not None else consumer
     reader.inputs[0] = x
     if plan.bias_after is not None:
@@ -311,10 +311,14 @@ def _apply_consumer(
     _remove_dead(graph, [s.node for s in steps], state)
 
 
-def _write_params(plan: LayerPlan, state: PassState) -> None:
-    """Write each new value into a private constant; never change a tensor another node reads."""
+def _write_params(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
+    """Write each new value into a private constant; never change a tensor another node reads.
+
+    Highest input first, dropping what the replaced value was computed from: a dynamo export's conv bias
+    `Expand(CastLike(0, x), Shape(W)[0])` reads W, and once it is gone W is private and keeps its name.
+    """
     node = plan.node
-    for index, values in sorted(plan.params.items()):
+    for index, values in sorted(plan.params.items(), reverse=True):
         old = node.inputs[index] if index < len(node.inputs) else None
         present = old is not None and not (isinstance(old, gs.Variable) and not old.name)
         private = isinstance(old, gs.Constant) and len(old.outputs) == 1
@@ -332,17 +336,21 @@ def _write_params(plan: LayerPlan, state: PassState) -> None:
             node.inputs[index] = new
         else:
             node.inputs.append(new)
+        if present:
+            _remove_dead(graph, [], state, [old])
     for key, value in plan.attrs.items():
         node.attrs[key] = value
 
 
-def _remove_dead(graph: gs.Graph, removed: list[gs.Node], state: PassState) -> None:
+def _remove_dead(
+    graph: gs.Graph, removed: list[gs.Node], state: PassState, tensors: list[gs.Tensor] | tuple = ()
+) -> None:
     """Disconnect the folded chain, then drop whatever only it used (constant subexpressions).
 
     Targeted rather than `graph.cleanup()`: cleanup would also delete dead nodes the user already had,
     which is not ours to change.
     """
-    work: list[gs.Tensor] = []
+    work: list[gs.Tensor] = list(tensors)
     for node in removed:
         work.extend(node.inputs)
         for t in node.inputs:
