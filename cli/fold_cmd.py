@@ -57,10 +57,11 @@ def fold(
     """
     from bnfold.errors import UsageError
     from bnfold.onnx.api import default_output_path, fold_onnx
-    from bnfold.onnx.io import has_external_data, load_model, save_model
+    from bnfold.onnx.io import check_writable, has_external_data, load_model, save_model
 
     target = _output_path(model, output, in_place, default_output_path, UsageError)
     original = load_model(model)
+    check_writable(target)
     external = {"always": True, "never": False}.get(external_data)
     if external is None:
         external = has_external_data(original) or None

@@ -76,6 +76,21 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
+def check_writable(path: str | os.PathLike[str], *, overwrite_ok: bool = True) -> Path:
+    """Fail early, before any work, when the output cannot be written where asked."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OutputError(f"{target}: is a directory; give a file name for the output")
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: output folder does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: output folder is not writable")
+    if target.exists() and not overwrite_ok:
+        raise OutputError(f"{target}: exists; refusing to overwrite")
+    return target
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike[str],
@@ -88,16 +103,8 @@ def save_model(
     ``external_data=None`` keeps tensors inline unless the model is over 2 GB; ``True`` writes them to
     ``<name>.data`` beside the model. Returns the paths written (model last).
     """
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise OutputError(f"{target}: is a directory; give a file name for the output")
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: output folder does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{parent}: output folder is not writable")
-    if target.exists() and not overwrite_ok:
-        raise OutputError(f"{target}: exists; refusing to overwrite")
+    target = check_writable(path, overwrite_ok=overwrite_ok)
+    parent = target.parent
     if external_data is None:
         external_data = model.ByteSize() > PROTOBUF_LIMIT
     data_name = target.name + ".data"
@@ -121,8 +128,7 @@ def save_model(
                 # save_model moved the tensors out of `model`; bring them back so the caller's copy stays whole.
                 onnx.external_data_helper.load_external_data_for_model(model, tmpdir)
             else:
-                with open(tmp_model, "wb") as fh:
-                    fh.write(model.SerializeToString())
+                _write_serialized(model, tmp_model)
         except (OSError, ValueError) as exc:
             raise OutputError(f"{target}: cannot write ({_short(exc)})") from None
         tmp_data = os.path.join(tmpdir, data_name)
@@ -134,6 +140,11 @@ def save_model(
         return written
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _write_serialized(model: onnx.ModelProto, path: str) -> None:
+    with open(path, "wb") as fh:
+        fh.write(model.SerializeToString())
 
 
 def _short(exc: BaseException) -> str:
