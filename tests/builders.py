@@ -81,6 +81,7 @@ def session(m: onnx.ModelProto) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ORT fuses Conv+BN itself otherwise
     so.intra_op_num_threads = 1
+    so.log_severity_level = 3  # initializer-as-input warnings are expected in some tests
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
