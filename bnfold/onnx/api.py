@@ -97,22 +97,31 @@ def _fold(proto: onnx.ModelProto, assume_constant: bool) -> tuple[onnx.ModelProt
     if not any(c.status is Status.FOLDED for c in state.candidates):
         return proto, state
     graph.toposort()
-    exported = gs.export_onnx(graph, do_type_check=False)
-    out = onnx.ModelProto()
-    out.CopyFrom(proto) if proto.ByteSize() < io.PROTOBUF_LIMIT else _copy_without_graph(proto, out)
-    out.graph.CopyFrom(exported.graph)
+    out = gs.export_onnx(graph, do_type_check=False)
+    functions = list(out.functions) or list(proto.functions)
+    _copy_model_fields(proto, out)  # the exported graph is used as it is: no second copy of the weights
     del out.functions[:]
-    out.functions.extend(exported.functions or proto.functions)
+    out.functions.extend(functions)
     _restore_graph_inputs(proto, out, overridable, state.modified)
     _keep_value_info_order(proto, out)
     return out, state
 
 
-def _copy_without_graph(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(dst, field, getattr(src, field))
-    dst.opset_import.extend(src.opset_import)
-    dst.metadata_props.extend(src.metadata_props)
+def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """Everything of the source model but its graph: IR version, opsets, producer, metadata, doc string."""
+    for field, _ in dst.ListFields():
+        if field.name not in ("graph", "functions"):
+            dst.ClearField(field.name)
+    for field, value in src.ListFields():
+        if field.name in ("graph", "functions"):
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _overridable_initializers(proto: onnx.ModelProto) -> set[str]:
@@ -223,15 +232,17 @@ def count_nodes(graph: onnx.GraphProto) -> int:
 
 
 def count_params(proto: onnx.ModelProto) -> int:
-    """Elements held in initializers and Constant nodes (all graphs)."""
+    """Elements held in initializers and Constant nodes (all graphs and local functions)."""
     total = 0
+    nodes = [n for f in proto.functions for n in f.node]
     for g in _all_graphs(proto.graph):
         total += sum(_num_elements(t) for t in g.initializer)
-        for n in g.node:
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.type == onnx.AttributeProto.TENSOR:
-                        total += _num_elements(a.t)
+        nodes.extend(g.node)
+    for n in nodes:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    total += _num_elements(a.t)
     return total
 
 
