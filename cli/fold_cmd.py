@@ -57,14 +57,14 @@ def fold(
     """
     from bnfold.errors import UsageError
     from bnfold.onnx.api import default_output_path, fold_onnx
-    from bnfold.onnx.io import check_writable, has_external_data, load_model, save_model
+    from bnfold.onnx.io import check_writable, load_model_and_layout, save_model
 
     target = _output_path(model, output, in_place, default_output_path, UsageError)
-    original = load_model(model)
+    original, had_external = load_model_and_layout(model)
     check_writable(target)
     external = {"always": True, "never": False}.get(external_data)
     if external is None:
-        external = has_external_data(original) or None
+        external = had_external or None  # None: inline unless over 2 GB
     folded, report = fold_onnx(original, assume_constant=assume_constant)
     report.source = str(model)
     verification = None
@@ -76,7 +76,7 @@ def fold(
             _emit(report, verification, as_json, quiet=False, written=None)
             click.echo(f"bnfold: verification failed; nothing written to {target}", err=True)
             sys.exit(EXIT_CHECK_FAILED)
-    save_model(folded, target, external_data=external)
+    save_model(folded, target, external_data=external, keep_data=False)
     _emit(report, verification, as_json, quiet, written=target)
     sys.exit(EXIT_OK)
 

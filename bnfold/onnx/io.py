@@ -23,6 +23,11 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
     """Load an ONNX model with its external data; raise `InputError` with one line on any problem."""
+    return load_model_and_layout(path, check=check)[0]
+
+
+def load_model_and_layout(path: str | os.PathLike[str], *, check: bool = True) -> tuple[onnx.ModelProto, bool]:
+    """The model, and whether its file kept tensors in external data (so the output can do the same)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -36,6 +41,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
         raise InputError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InputError(f"{p}: not an ONNX model (no graph; is it truncated or another format?)")
+    external = has_external_data(model)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except (FileNotFoundError, OSError) as exc:
@@ -45,7 +51,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
         raise InputError(f"{p}: cannot read external data ({_short(exc)})") from None
     if check:
         check_model(model, what=str(p))
-    return model
+    return model, external
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> None:
@@ -97,16 +103,22 @@ def save_model(
     *,
     external_data: bool | None = None,
     overwrite_ok: bool = True,
+    keep_data: bool = True,
 ) -> list[Path]:
     """Write atomically: into a temporary folder next to `path`, then rename into place.
 
     ``external_data=None`` keeps tensors inline unless the model is over 2 GB; ``True`` writes them to
-    ``<name>.data`` beside the model. Returns the paths written (model last).
+    ``<name>.data`` beside the model. Writing external data empties the tensors of `model`; with
+    ``keep_data`` (the default) they are read back so the caller's model stays whole. Returns the paths
+    written (model last).
     """
     target = check_writable(path, overwrite_ok=overwrite_ok)
     parent = target.parent
+    too_big = model.ByteSize() > PROTOBUF_LIMIT
     if external_data is None:
-        external_data = model.ByteSize() > PROTOBUF_LIMIT
+        external_data = too_big
+    elif not external_data and too_big:
+        raise OutputError(f"{target}: the model is over 2 GB and cannot be written inline; use external data")
     data_name = target.name + ".data"
     try:
         tmpdir = tempfile.mkdtemp(prefix=".bnfold-", dir=parent)
@@ -117,6 +129,8 @@ def save_model(
         tmp_model = os.path.join(tmpdir, target.name)
         try:
             if external_data:
+                tensors = list(onnx.external_data_helper._get_all_tensors(model))
+                had_location = [t.HasField("data_location") for t in tensors]
                 onnx.save_model(
                     model,
                     tmp_model,
@@ -125,8 +139,11 @@ def save_model(
                     location=data_name,
                     size_threshold=1024,
                 )
-                # save_model moved the tensors out of `model`; bring them back so the caller's copy stays whole.
-                onnx.external_data_helper.load_external_data_for_model(model, tmpdir)
+                if keep_data:  # save_model moved the tensors out of `model`; bring them back as they were
+                    onnx.external_data_helper.load_external_data_for_model(model, tmpdir)
+                    for tensor, had in zip(tensors, had_location):
+                        if not had:
+                            tensor.ClearField("data_location")
             else:
                 _write_serialized(model, tmp_model)
         except (OSError, ValueError) as exc:

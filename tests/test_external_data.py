@@ -1,0 +1,61 @@
+"""Models whose tensors live in external files load, fold and are written back with external data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+
+from bnfold import fold_onnx
+from bnfold.cli import main
+from bnfold.onnx.io import has_external_data, load_model_and_layout, save_model
+from tests.builders import assert_equivalent, conv_bn_relu
+
+
+def external_model(tmp_path: Path) -> Path:
+    m = conv_bn_relu(np.random.default_rng(0), c_in=8, c_out=32)
+    p = tmp_path / "src" / "ext.onnx"
+    p.parent.mkdir()
+    onnx.save(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    return p
+
+
+def test_api_folds_a_model_with_external_data(tmp_path: Path) -> None:
+    p = external_model(tmp_path)
+    model, external = load_model_and_layout(p)
+    assert external
+    out, report = fold_onnx(p)
+    assert report.folded == 1
+    assert_equivalent(model, out, np.random.default_rng(1))
+
+
+def test_cli_keeps_external_data_layout(tmp_path: Path) -> None:
+    p = external_model(tmp_path)
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    result = CliRunner().invoke(main, [str(p), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(x.name for x in out.parent.iterdir()) == ["folded.onnx", "folded.onnx.data"]
+    assert has_external_data(onnx.load(out, load_external_data=False))
+    assert_equivalent(onnx.load(p), onnx.load(out), np.random.default_rng(2))
+    # the source and its data file are untouched
+    assert (p.parent / "weights.bin").exists()
+
+
+def test_cli_external_data_never_writes_inline(tmp_path: Path) -> None:
+    p = external_model(tmp_path)
+    out = tmp_path / "inline.onnx"
+    result = CliRunner().invoke(main, [str(p), "-o", str(out), "--external-data", "never"])
+    assert result.exit_code == 0, result.output
+    assert not has_external_data(onnx.load(out, load_external_data=False))
+    assert not (tmp_path / "inline.onnx.data").exists()
+
+
+def test_save_model_keeps_the_callers_model_whole(tmp_path: Path) -> None:
+    m = conv_bn_relu(np.random.default_rng(3), c_out=32)
+    before = m.SerializeToString()
+    save_model(m, tmp_path / "x.onnx", external_data=True)
+    assert m.SerializeToString() == before
+    assert (tmp_path / "x.onnx.data").exists()
