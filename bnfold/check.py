@@ -50,6 +50,7 @@ GLOB_CHARS = frozenset("*?[")
 FOLDABLE_CODE = "foldable"
 """The code of a finding that `bnfold fold` would fold (the fold's skip reasons are the other codes)."""
 FOLDABLE_HINT = "run `bnfold fold {path}` to fold it (outputs are verified before anything is written)"
+FOLDABLE_HINT_MEMORY = "fold it with bnfold.fold_onnx(model) (or `bnfold fold` on its file)"
 ALLOWED_HINT = "accepted by --allow"
 
 # Verdicts of a finding.
@@ -299,7 +300,7 @@ def judge(report: FoldReport, *, path: str, strict: bool = False, allow: Sequenc
             side = "producer" if c.direction == "into-producer" else "consumer"
             code = FOLDABLE_CODE
             message = f"can be folded into its {side} {c.target_op} '{c.target}'"
-            hint = FOLDABLE_HINT.format(path=path)
+            hint = FOLDABLE_HINT.format(path=path) if path != "<memory>" else FOLDABLE_HINT_MEMORY
         else:
             first = c.reasons[0] if c.reasons else None
             code = first.code.value if first else "unsupported"
