@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - onnx always brings it
     BFLOAT16 = None
 
 F64 = np.float64
-FRAGILE_SCALE = 1e4
-"""A channel whose |s| exceeds this amplifies noise so much that the original model was fragile."""
+FRAGILE_SCALE = 1e3
+"""A channel whose |s| exceeds this amplifies its input's noise a thousandfold: the model was fragile there."""
 
 
 class FoldOverflowError(ValueError):
@@ -76,12 +76,13 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     scale = gamma / denom
     shift = beta - scale * mean
     notes: list[str] = []
-    fragile = np.flatnonzero(np.abs(scale) > FRAGILE_SCALE)
+    # σ² below ε: the running variance collapsed and ε alone sets the scale.
+    fragile = np.flatnonzero((np.abs(scale) > FRAGILE_SCALE) | (var < F64(epsilon)))
     if fragile.size:
         notes.append(
-            f"{fragile.size} channel(s) with |scale| > {FRAGILE_SCALE:g} (var+eps as small as "
-            f"{float(np.min((var + epsilon)[fragile])):.3g}); the original model already amplifies noise there: "
-            f"channels {_channel_list(fragile)}"
+            f"{fragile.size} fragile channel(s) (var < eps or |scale| > {FRAGILE_SCALE:g}; var+eps as small as "
+            f"{float(np.min((var + epsilon)[fragile])):.3g}, |scale| up to {float(np.max(np.abs(scale[fragile]))):.3g}); "
+            f"the original model already amplifies noise there: channels {_channel_list(fragile)}"
         )
     dead = np.flatnonzero(gamma == 0)
     if dead.size:
