@@ -65,7 +65,8 @@ def batchnorm_step(node: gs.Node, resolver: ConstantResolver) -> AffineStep | Sk
     sizes = {int(np.asarray(p).size) for p in params}
     if len(sizes) != 1:
         return SkipReason(Reason.SHAPE_MISMATCH, f"'{name}' parameters have different lengths {sorted(sizes)}")
-    epsilon = float(node.attrs.get("epsilon", 1e-5))
+    # The attribute is a float32: absent, it is float32(1e-5) = 9.99999974738e-06, as every runtime reads it.
+    epsilon = float(node.attrs.get("epsilon", np.float32(1e-5)))
     affine = batchnorm_affine(*params, epsilon=epsilon)
     affine.notes = [f"{name}: {n}" for n in affine.notes]
     return AffineStep(node, affine, node.inputs[0])
