@@ -48,6 +48,10 @@ def batchnorm_step(node: gs.Node, resolver: ConstantResolver) -> AffineStep | Sk
     if int(node.attrs.get("training_mode", 0)) == 1 or extra:
         what = "training_mode=1" if int(node.attrs.get("training_mode", 0)) == 1 else "it has the training outputs"
         return SkipReason(Reason.TRAINING_MODE, f"'{name}' is in training mode ({what})")
+    if resolver.opset < 7 and int(node.attrs.get("is_test", 0)) == 0:
+        return SkipReason(
+            Reason.TRAINING_MODE, f"'{name}' is in training mode (is_test=0, the default before opset 7)"
+        )
     if int(node.attrs.get("spatial", 1)) == 0:
         return SkipReason(
             Reason.UNSUPPORTED,
