@@ -326,3 +326,28 @@ def test_check_calls_foldable_exactly_what_fold_folds_files(path: Path) -> None:
 def test_check_calls_foldable_exactly_what_fold_folds_here() -> None:
     for m in (conv_bn(), two_consumers(), mixed()):
         _assert_check_matches_fold(m)
+
+
+def if_model(seed: int = 0) -> onnx.ModelProto:
+    """A foldable Conv → BN inside an If branch: findings carry the subgraph path."""
+    rng = np.random.default_rng(seed)
+    bn, inits = _bn("bn_then", "c", "t_out", 4, rng)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv_then.w")
+    out = lambda name: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, 4, 6, 6])  # noqa: E731
+    then = helper.make_graph([helper.make_node("Conv", ["input", "conv_then.w"], ["c"], name="conv_then"), bn], "then", [], [out("t_out")], [w, *inits])
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv_else.w")
+    other = helper.make_graph([helper.make_node("Conv", ["input", "conv_else.w"], ["e_out"], name="conv_else")], "else", [], [out("e_out")], [w2])
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    node = helper.make_node("If", ["cond"], ["output"], name="if", then_branch=then, else_branch=other)
+    return _model([node], [cond], [1, 4, 6, 6])
+
+
+def test_allow_matches_the_subgraph_qualified_name() -> None:
+    r = check_model(if_model())
+    assert [(f.graph, f.node, f.qualified_name, f.verdict) for f in r.findings] == [
+        ("if.then_branch", "bn_then", "if.then_branch/bn_then", FAIL)
+    ]
+    for pattern in ("bn_then", "if.then_branch/*", "*/bn_*"):
+        assert check_model(if_model(), allow=[pattern]).exit_code == EXIT_OK, pattern
+    assert check_model(if_model(), allow=["if.else_branch/*"]).exit_code == EXIT_CHECK_FAILED
+    _assert_check_matches_fold(if_model())
