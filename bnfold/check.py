@@ -167,6 +167,12 @@ class CheckResult:
         return EXIT_CHECK_FAILED if EXIT_CHECK_FAILED in codes else EXIT_OK
 
     @property
+    def unmatched_allow(self) -> list[str]:
+        """--allow patterns that name no BatchNorm in any model checked (stale entries)."""
+        names = {n for m in self.models for f in m.findings for n in _names(f.node, f.nodes, f.graph)}
+        return [p for p in self.allow if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+    @property
     def failed(self) -> list[ModelCheck]:
         return [m for m in self.models if m.status == "failed"]
 
@@ -212,6 +218,7 @@ class CheckResult:
             "exit_code": self.exit_code,
             "strict": self.strict,
             "allow": list(self.allow),
+            "allow_unmatched": self.unmatched_allow,
             "summary": self.summary(),
             "models": [m.to_dict() for m in self.models],
         }
@@ -268,10 +275,16 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str | ModelChe
 # ------------------------------------------------------------------------------------------------
 # Checking
 # ------------------------------------------------------------------------------------------------
+def _names(node: str, nodes: Sequence[str], graph: str) -> set[str]:
+    """What an --allow pattern is matched against: the node, its chain, and both qualified by subgraph."""
+    names = {node, *nodes}
+    if graph:
+        names |= {f"{graph}/{n}" for n in list(names)}
+    return names
+
+
 def _matches(candidate: Candidate, allow: Sequence[str]) -> bool:
-    names = {candidate.node, *candidate.nodes}
-    if candidate.graph:
-        names |= {f"{candidate.graph}/{n}" for n in list(names)}
+    names = _names(candidate.node, candidate.nodes, candidate.graph)
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in allow for name in names)
 
 
@@ -436,6 +449,7 @@ def render_text(result: CheckResult, *, verbose: bool = False) -> str:
                 lines.append(f"          chain: {chain}")
             if f.hint:
                 lines.append(f"          hint: {f.hint}")
+    lines.extend(f"note: --allow {p!r} matched no BatchNorm" for p in result.unmatched_allow)
     lines.append(result.summary_line())
     return "\n".join(lines)
 
@@ -471,6 +485,7 @@ def render_github(result: CheckResult) -> str:
                 what += " (allowed)"
             text = f"{f.qualified_name} ({f.op_type}) [{f.code}] {f.message}. Hint: {f.hint}"
             lines.append(f"::{kind} file={file},title={_gh_prop('bnfold: ' + what)}::{_gh_data(text)}")
+    lines.extend(f"::warning title=bnfold::{_gh_data(f'--allow {p!r} matched no BatchNorm')}" for p in result.unmatched_allow)
     lines.append(result.summary_line())
     return "\n".join(lines)
 
@@ -500,13 +515,18 @@ CHECK_JSON_SCHEMA: dict[str, Any] = {
     "$id": "https://bnfold.invalid/schemas/check-v1.json",
     "title": "bnfold check --format json",
     "type": "object",
-    "required": ["version", "exit_code", "strict", "allow", "summary", "models"],
+    "required": ["version", "exit_code", "strict", "allow", "allow_unmatched", "summary", "models"],
     "additionalProperties": False,
     "properties": {
         "version": {"const": SCHEMA_VERSION, "description": "Schema version; bumped on incompatible change."},
         "exit_code": {"enum": [EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE], "description": "What the command exits with."},
         "strict": {"type": "boolean"},
         "allow": {"type": "array", "items": {"type": "string"}, "description": "--allow patterns, as given."},
+        "allow_unmatched": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "--allow patterns that name no BatchNorm in any model checked (stale entries).",
+        },
         "summary": {
             "type": "object",
             "additionalProperties": False,
@@ -579,7 +599,7 @@ CHECK_JSON_SCHEMA: dict[str, Any] = {
 """JSON Schema (draft 2020-12) of ``bnfold check --format json``; documented in docs/check.md.
 
 Top level: ``version`` (1), ``exit_code`` (0/1/2, what the command exits with), ``strict``,
-``allow`` (the patterns), ``summary`` (counts over all models) and ``models``: per model its
+``allow`` (the patterns), ``allow_unmatched`` (patterns that matched no BatchNorm), ``summary`` (counts over all models) and ``models``: per model its
 ``path``, ``status`` (``ok`` | ``failed`` | ``error``), ``exit_code``, ``error`` (one line, or
 null), ``batchnorms`` counts (``found``, ``foldable``, ``unfoldable``, ``failing``, ``allowed``)
 and ``findings``: each BatchNorm left, with ``node``, ``op_type``, ``graph``, ``nodes`` (its chain),

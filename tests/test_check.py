@@ -163,6 +163,14 @@ def test_allow_accepts_named_batchnorms_and_marks_them_on_the_report() -> None:
     assert check_model(mixed(), allow=["HEAD_*"]).exit_code == EXIT_CHECK_FAILED  # case-sensitive, as node names are
 
 
+def test_allow_patterns_that_match_nothing_are_noted(models: dict[str, Path]) -> None:
+    result = check_paths([models["mixed"], models["folded"]], allow=["head_*", "bn2", "old_bn*"])
+    assert result.exit_code == EXIT_OK
+    assert result.unmatched_allow == ["old_bn*"]  # bn2 is unfoldable but present: not stale
+    assert "note: --allow 'old_bn*' matched no BatchNorm" in render_text(result)
+    assert json.loads(render_json(result))["allow_unmatched"] == ["old_bn*"]
+
+
 def test_unreadable_model_is_an_error_entry_not_an_exception(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00not a model")
@@ -230,7 +238,8 @@ def test_github_annotations(models: dict[str, Path], tmp_path: Path) -> None:
         "(outputs are verified before anything is written)"
     )
     assert lines[1].startswith(f"::error file={tmp_path}/bad.onnx,title=bnfold%3A unreadable model::{bad}: ")
-    assert len(lines) == 3 and lines[2].startswith("bnfold check ERROR: 3 models checked")  # bn2 (info) is not annotated
+    assert lines[2] == "::warning title=bnfold::--allow 'nothing' matched no BatchNorm"
+    assert len(lines) == 4 and lines[3].startswith("bnfold check ERROR: 3 models checked")  # bn2 (info) is not annotated
 
     strict = render_github(check_paths([odd], strict=True, allow=["head_bn"])).splitlines()
     assert strict[0].startswith("::notice file=") and "allowed" in strict[0]
