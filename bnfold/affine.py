@@ -247,16 +247,17 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype, what: str) -> tuple[np.n
             out = v.astype(dtype)
     if np.issubdtype(dtype, np.integer):
         return out, 0
-    back = out.astype(F64)
-    overflow = np.isfinite(v) & ~np.isfinite(back)
-    if overflow.any():
-        worst = float(np.max(np.abs(v[overflow])))
-        raise FoldOverflowError(
-            f"folded {what} reaches {worst:.6g}, beyond the largest {dtype.name} ({float(finfo(dtype).max):.6g})"
-        )
-    tiny = float(finfo(dtype).tiny)
-    sub = (back != 0) & (np.abs(back) < tiny)
-    flushed = int(sub.sum())
+    if not np.isfinite(out).all():  # rare: find out whether a finite value overflowed
+        overflow = np.isfinite(v) & ~np.isfinite(out.astype(F64))
+        if overflow.any():
+            worst = float(np.max(np.abs(v[overflow])))
+            raise FoldOverflowError(
+                f"folded {what} reaches {worst:.6g}, beyond the largest {dtype.name} ({float(finfo(dtype).max):.6g})"
+            )
+    tiny = out.dtype.type(finfo(dtype).tiny)
+    magnitude = np.abs(out)
+    sub = (magnitude < tiny) & (magnitude > 0)
+    flushed = int(np.count_nonzero(sub))
     if flushed:
         out = np.where(sub, np.zeros((), dtype), out).astype(dtype)
     return out, flushed

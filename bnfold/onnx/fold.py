@@ -69,6 +69,7 @@ def fold_graph(graph: gs.Graph, state: PassState, path: str = "") -> None:
     """Fold every chain in `graph`, then recurse into subgraphs (If/Loop/Scan bodies)."""
     planner = Planner(state.resolver, state.rank_of)
     seen: set[int] = set()
+    own = {id(n) for n in graph.nodes}  # by identity: gs compares nodes by value, which is slow
     for node in list(graph.nodes):
         if id(node) in seen or not _alive(node):
             continue
@@ -81,7 +82,7 @@ def fold_graph(graph: gs.Graph, state: PassState, path: str = "") -> None:
                 Candidate(display(node), node.op, Status.SKIPPED, [display(node)], reasons=[seed], graph=path)
             )
             continue
-        steps = _grow_chain(seed, graph, state, seen)
+        steps = _grow_chain(seed, graph, state, seen, own)
         seen.update(id(s.node) for s in steps)
         _fold_chain(graph, steps, planner, state, path)
     for node in list(graph.nodes):
@@ -102,7 +103,9 @@ def _step(node: gs.Node, state: PassState) -> AffineStep | SkipReason | None:
     return None
 
 
-def _grow_chain(seed: AffineStep, graph: gs.Graph, state: PassState, seen: set[int]) -> list[AffineStep]:
+def _grow_chain(
+    seed: AffineStep, graph: gs.Graph, state: PassState, seen: set[int], own: set[int]
+) -> list[AffineStep]:
     """Extend both ways through tensors that have exactly one consumer and are not graph outputs."""
     steps = [seed]
     x = seed.data
@@ -120,7 +123,7 @@ def _grow_chain(seed: AffineStep, graph: gs.Graph, state: PassState, seen: set[i
         if len(y.outputs) != 1 or is_graph_output(y, graph):
             break
         nxt = y.outputs[0]
-        if id(nxt) in seen or nxt not in graph.nodes:
+        if id(nxt) in seen or id(nxt) not in own:
             break
         step = _step(nxt, state)
         if not isinstance(step, AffineStep) or step.data is not y:

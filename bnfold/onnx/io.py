@@ -49,16 +49,23 @@ def load_model_and_layout(path: str | os.PathLike[str], *, check: bool = True) -
         raise InputError(f"{p}: external data file missing or unreadable: {missing}") from None
     except Exception as exc:
         raise InputError(f"{p}: cannot read external data ({_short(exc)})") from None
-    if check:
-        check_model(model, what=str(p))
+    if check:  # by path: no second serialisation, external data checked in place, any size works
+        try:
+            onnx.checker.check_model(str(p))
+        except onnx.checker.ValidationError as exc:
+            raise InputError(f"{p}: fails the ONNX checker: {_short(exc)}") from None
     return model, external
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> None:
-    """`onnx.checker` as a precondition/postcondition, turned into one `InputError` line."""
+    """`onnx.checker` as a precondition/postcondition, turned into one `InputError` line.
+
+    A model over 2 GB cannot be checked in memory (protobuf will not serialise it for the checker): its
+    skeleton is checked instead, and the whole file by path when it is read and when it is written.
+    """
+    if model_size(model) > PROTOBUF_LIMIT:
+        model = skeleton(model)
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            return _check_large(model, full=full)
         onnx.checker.check_model(model, full_check=full)
     except onnx.checker.ValidationError as exc:
         raise InputError(f"{what}: fails the ONNX checker: {_short(exc)}") from None
@@ -66,12 +73,58 @@ def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = Fal
         raise InputError(f"{what}: fails ONNX shape inference: {_short(exc)}") from None
 
 
-def _check_large(model: onnx.ModelProto, *, full: bool) -> None:
-    """The checker takes a path for models over 2 GB; write a temporary copy with external data."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
-        onnx.checker.check_model(path, full_check=full)
+def model_size(model: onnx.ModelProto) -> int:
+    """Serialised size, or an upper-bound estimate where that is cheaper.
+
+    ``ByteSize()`` is a full encode in protobuf's upb backend; the tensors' raw bytes dominate any model
+    large enough to matter, so they are summed first and the exact size is asked for only near 2 GB.
+    Protobuf refuses to count past 2 GB at all: that case answers "over the limit".
+    """
+    raw = sum(len(t.raw_data) for t in onnx.external_data_helper._get_all_tensors(model))
+    if raw < PROTOBUF_LIMIT // 2:
+        return raw
+    try:
+        return model.ByteSize()
+    except Exception:
+        return PROTOBUF_LIMIT + 1
+
+
+def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
+    """The model with every larger main-graph initializer replaced by a typed graph input.
+
+    Shape inference and the full checker need the graph, the types and the small constants (shapes,
+    axes), not the weights: on the skeleton they run in milliseconds and at any model size.
+    """
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+            if repeated:
+                getattr(out, field.name).extend(value)
+            elif field.message_type is not None:
+                getattr(out, field.name).CopyFrom(value)
+            else:
+                setattr(out, field.name, value)
+    src, g = model.graph, out.graph
+    for field, value in src.ListFields():
+        if field.name != "initializer":
+            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+            if repeated:
+                getattr(g, field.name).extend(value)
+            elif field.message_type is not None:
+                getattr(g, field.name).CopyFrom(value)
+            else:
+                setattr(g, field.name, value)
+    listed = {i.name for i in src.input}
+    for t in src.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= keep_elements:
+            g.initializer.append(t)
+        elif t.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
@@ -114,7 +167,7 @@ def save_model(
     """
     target = check_writable(path, overwrite_ok=overwrite_ok)
     parent = target.parent
-    too_big = model.ByteSize() > PROTOBUF_LIMIT
+    too_big = model_size(model) > PROTOBUF_LIMIT
     if external_data is None:
         external_data = too_big
     elif not external_data and too_big:
@@ -139,6 +192,10 @@ def save_model(
                     location=data_name,
                     size_threshold=1024,
                 )
+                try:  # postcondition, by path: works at any size
+                    onnx.checker.check_model(tmp_model)
+                except onnx.checker.ValidationError as exc:
+                    raise OutputError(f"{target}: the written model fails the ONNX checker: {_short(exc)}") from None
                 if keep_data:  # save_model moved the tensors out of `model`; bring them back as they were
                     onnx.external_data_helper.load_external_data_for_model(model, tmpdir)
                     for tensor, had in zip(tensors, had_location):
