@@ -242,3 +242,25 @@ def test_no_linear_neighbour():
     m = make_model(nodes, IN, [("output", F32)], bn_inits("bn", bn_stats(C, rng)))
     _assert_refused(m, Reason.NO_LINEAR_NEIGHBOUR, keep=("bn", "relu"))
     _only(m, Reason.NO_LINEAR_NEIGHBOUR)
+
+
+@pytest.mark.xfail(reason="reported as no-linear-neighbour, see /tmp/bnfold-bugs.md", strict=True)
+@pytest.mark.parametrize("twist", ["other-consumer", "graph-output"])
+def test_matmul_bias_add_output_with_other_consumer_reason(twist):
+    """MatMul → Add(bias) → BN where the Add's output is also read elsewhere: the reason is that reader."""
+    rng = np.random.default_rng(12)
+    nodes = [
+        helper.make_node("MatMul", ["input", "W"], ["mm"], name="matmul"),
+        helper.make_node("Add", ["mm", "bb"], ["y"], name="bias_add"),
+        bn_node("y", "output", "bn"),
+    ]
+    outs = [("output", F32)]
+    if twist == "other-consumer":
+        nodes.append(helper.make_node("Relu", ["y"], ["other"], name="relu"))
+        outs.append(("other", F32))
+    else:
+        outs.append(("y", F32))
+    inits = [init("W", rand((5, 4), rng)), init("bb", rand(4, rng)), *bn_inits("bn", bn_stats(4, rng))]
+    m = make_model(nodes, [("input", [3, 5], F32)], outs, inits)
+    code = Reason.OTHER_CONSUMER if twist == "other-consumer" else Reason.GRAPH_OUTPUT
+    _only(m, code)
