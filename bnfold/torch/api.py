@@ -108,7 +108,11 @@ def _as_args(example_inputs: Any) -> tuple | None:
 
 def _require_eval(model: nn.Module) -> None:
     """A BatchNorm in training mode normalises with batch statistics: nothing to fold, and a likely mistake."""
-    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    training = [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if m.training and (m is model or "BatchNorm" in type(m).__name__ or isinstance(m, nn.modules.batchnorm._NormBase))
+    ]
     if training:
         shown = ", ".join(training[:5]) + (f", … (+{len(training) - 5})" if len(training) > 5 else "")
         raise UsageError(

@@ -48,6 +48,10 @@ class SiteGraph:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     outside_reads: dict[str, str] = field(default_factory=dict)  # "conv.weight" → reading node
     compute_nodes: int = 0  # work nodes, a module call counted once
+    described: dict[str, str] = field(default_factory=dict)  # value → words for the report
+
+    def describe(self, value: str) -> str:
+        return self.described.get(value, value)
 
     def sites_of(self, module: str) -> list[int]:
         return [i for i, s in enumerate(self.sites) if s.module == module]
@@ -96,6 +100,7 @@ def from_fx(gm: fx.GraphModule, model: nn.Module, infos: dict[int, ModuleInfo]) 
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
             g.shapes[node.name] = tuple(int(d) for d in meta.shape)
+        g.described[node.name] = _describe_fx(node, gm)
         if node.op == "get_attr":
             g.outside_reads.setdefault(str(node.target), node.name)
             continue
@@ -120,6 +125,16 @@ def from_fx(gm: fx.GraphModule, model: nn.Module, infos: dict[int, ModuleInfo]) 
         for src in _flat_nodes((node.args, node.kwargs)):
             g.consumers.setdefault(src.name, []).append(consumer)
     return g
+
+
+def _describe_fx(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "placeholder":
+        return f"the input {node.name}"
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+    if node.op == "call_method":
+        return f"{node.name} (.{node.target}())"
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +192,9 @@ def from_export(ep: "torch.export.ExportedProgram", model: nn.Module, infos: dic
     # Consumers, outside reads and shapes over the whole graph.
     owner_of_state = {ph: q for ph, q in state_of.items()}
     for node in ep.graph.nodes:
+        g.described[node.name] = (
+            f"the input {node.name}" if node.op == "placeholder" else f"{node.name} ({getattr(node.target, '__name__', node.target)})"
+        )
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             try:

@@ -78,7 +78,7 @@ def _describe_consumer(graph: SiteGraph, consumer: str) -> str:
         return "the model's output"
     if consumer.startswith("site:"):
         return graph.sites[int(consumer[5:])].label
-    return consumer[5:]
+    return graph.describe(consumer[5:])
 
 
 def _pair(p: Pairing, bn_sites: list[int], graph: SiteGraph, by_name: dict[str, ModuleInfo]) -> None:
@@ -97,7 +97,7 @@ def _pair(p: Pairing, bn_sites: list[int], graph: SiteGraph, by_name: dict[str, 
     if not distinct:
         site = graph.sites[bn_sites[0]]
         src = graph.producer_of.get(site.inputs[0])
-        what = graph.sites[src].label if src is not None else site.inputs[0]
+        what = graph.sites[src].label if src is not None else graph.describe(site.inputs[0])
         _refuse(
             p,
             Reason.NO_LINEAR_NEIGHBOUR,
