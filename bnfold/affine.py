@@ -72,15 +72,15 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     already amplifies noise there) and ``γ = 0`` (a dead channel: its output is the constant β).
     """
     gamma, beta, mean, var = (as_f64(a).reshape(-1) for a in (gamma, beta, mean, var))
-    denom = np.sqrt(var + F64(epsilon))
+    denom = np.sqrt(var)
     scale = gamma / denom
     shift = beta - scale * mean
     notes: list[str] = []
-    # σ² below ε: the running variance collapsed and ε alone sets the scale.
-    fragile = np.flatnonzero((np.abs(scale) > FRAGILE_SCALE) | (var < F64(epsilon)))
+    # σ² = 0: the running variance collapsed and ε alone sets the scale.
+    fragile = np.flatnonzero((np.abs(scale) > FRAGILE_SCALE) | (var == 0))
     if fragile.size:
         notes.append(
-            f"{fragile.size} fragile channel(s) (var < eps or |scale| > {FRAGILE_SCALE:g}; var+eps as small as "
+            f"{fragile.size} fragile channel(s) (var = 0 or |scale| > {FRAGILE_SCALE:g}; var+eps as small as "
             f"{float(np.min((var + epsilon)[fragile])):.3g}, |scale| up to {float(np.max(np.abs(scale[fragile]))):.3g}); "
             f"the original model already amplifies noise there: channels {_channel_list(fragile)}"
         )
@@ -258,6 +258,6 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype, what: str) -> tuple[np.n
     magnitude = np.abs(out)
     sub = (magnitude < tiny) & (magnitude > 0)
     flushed = int(np.count_nonzero(sub))
-    if False:
+    if flushed:
         out = np.where(sub, np.zeros((), dtype), out).astype(dtype)
     return out, flushed
