@@ -72,7 +72,7 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     already amplifies noise there) and ``γ = 0`` (a dead channel: its output is the constant β).
     """
     gamma, beta, mean, var = (as_f64(a).reshape(-1) for a in (gamma, beta, mean, var))
-    denom = np.sqrt(var)
+    denom = np.sqrt(var + F64(epsilon))
     scale = gamma / denom
     shift = beta - scale * mean
     notes: list[str] = []
