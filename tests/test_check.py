@@ -220,8 +220,9 @@ def test_json_output_validates_against_the_documented_schema(models: dict[str, P
         assert len(data["models"]) == 6
 
 
-def test_json_schema_in_the_docs_is_the_one_in_the_code() -> None:
-    text = (ROOT / "docs" / "check.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize("doc", ["README.md", "docs/check.md"])
+def test_json_schema_in_the_docs_is_the_one_in_the_code(doc: str) -> None:
+    text = (ROOT / doc).read_text(encoding="utf-8")
     block = text.split("<!-- schema -->", 1)[1].split("```json", 1)[1].split("```", 1)[0]
     assert json.loads(block) == json.loads(json.dumps(CHECK_JSON_SCHEMA))
 
