@@ -139,10 +139,11 @@ class ConstantResolver:
 
 
 def _values(tensor: gs.Constant) -> np.ndarray:
-    values = tensor.values
-    if hasattr(values, "load"):  # gs.LazyValues
-        values = values.load()
-    return np.asarray(values)
+    """The constant's values, read without caching them in the graph (a weight is read once, then replaced)."""
+    values = tensor._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        return np.asarray(values.load())
+    return np.asarray(tensor.values)
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray:

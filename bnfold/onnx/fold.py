@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from bnfold.affine import Affine
@@ -327,12 +328,13 @@ def _write_params(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
         private = isinstance(old, gs.Constant) and len(old.outputs) == 1
         if present and private:
             assert isinstance(old, gs.Constant)
-            old.values = values
+            old.values = _as_tensor_proto(values, old.name)
             state.modified.add(old.name)
             state.resolver.forget(old)
             continue
         base = old.name if present and old.name else f"{display(node)}.{'bias' if index == 2 else 'param'}"
-        new = gs.Constant(state.unique(f"{base}_folded" if present else base), values)
+        new_name = state.unique(f"{base}_folded" if present else base)
+        new = gs.Constant(new_name, _as_tensor_proto(values, new_name))
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
         if index < len(node.inputs):
@@ -343,6 +345,15 @@ def _write_params(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
             _remove_dead(graph, [], state, [old])
     for key, value in plan.attrs.items():
         node.attrs[key] = value
+
+
+def _as_tensor_proto(values: np.ndarray, name: str) -> gs.ir.tensor.LazyValues:
+    """Hold a folded value as the TensorProto it will be exported as, not as a second numpy copy.
+
+    onnx-graphsurgeon exports a LazyValues' TensorProto as it is; a numpy value would be converted
+    at export time while the array is still alive — one more copy of every folded weight at the peak.
+    """
+    return gs.ir.tensor.LazyValues(onnx.numpy_helper.from_array(np.ascontiguousarray(values), name))
 
 
 def _remove_dead(
