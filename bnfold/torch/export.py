@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,15 @@ def export_onnx(
 
     kwargs: dict[str, Any] = {"dynamo": False}
     kwargs.update(export_kwargs)
+    our_default = "dynamo" not in export_kwargs
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            if our_default:  # the TorchScript exporter is bnfold's choice here, not the caller's
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"bnfold\.torch.*")
             torch.onnx.export(folded, args, str(tmp), **kwargs)
         _compare_with_ort(tmp, args, reference, folded_out, report, rtol, atol)
         _check_exported(tmp, target, report, strict)
