@@ -72,14 +72,14 @@ def _postcondition(original: onnx.ModelProto, folded: onnx.ModelProto, source: s
     blamed: the output then gets the same basic check the input passed, and the report says so.
     """
     try:
-        io.check_model(io.skeleton(folded), what=f"{source} (folded)", full=True)
+        io.check_model(folded, what=f"{source} (folded)", full=True)
         return
     except InputError:
         try:
-            io.check_model(io.skeleton(original), what=source, full=True)
+            io.check_model(original, what=source, full=True)
         except InputError as original_error:
             report.notes.append(f"the input model itself fails the full ONNX check ({original_error}); the output was given the basic check")
-            io.check_model(io.skeleton(folded), what=f"{source} (folded)")
+            io.check_model(folded, what=f"{source} (folded)")
             return
         raise BnfoldError(f"{source}: bnfold produced a model that fails the ONNX checker; please report this with the model") from None
 
