@@ -123,6 +123,7 @@ def _fold(proto: onnx.ModelProto, assume_constant: bool) -> tuple[onnx.ModelProt
     out.functions.extend(functions)
     _restore_graph_inputs(proto, out, overridable, state.modified)
     _keep_value_info_order(proto, out)
+    _restore_doc_strings(proto, out)
     return out, state
 
 
@@ -172,6 +173,29 @@ def _restore_graph_inputs(src: onnx.ModelProto, out: onnx.ModelProto, overridabl
     final = [by_name.get(i.name, i) for i in new_inputs]
     del out.graph.input[:]
     out.graph.input.extend(final)
+
+
+def _restore_doc_strings(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon does not carry node doc strings and metadata, nor those of the graph's inputs
+    and outputs: put them back by name (a fold changes no type of a graph input or output)."""
+    io_src = {v.name: v for v in list(src.graph.input) + list(src.graph.output)}
+    for v in list(out.graph.input) + list(out.graph.output):
+        if v.name in io_src:
+            v.CopyFrom(io_src[v.name])
+    by_key: dict[str, onnx.NodeProto] = {}
+    for g in _all_graphs(src.graph):
+        for n in g.node:
+            by_key.setdefault(n.name or f"->{n.output[0] if n.output else ''}", n)
+    for g in _all_graphs(out.graph):
+        for n in g.node:
+            original = by_key.get(n.name or f"->{n.output[0] if n.output else ''}")
+            if original is None or original.op_type != n.op_type:
+                continue
+            if original.doc_string:
+                n.doc_string = original.doc_string
+            if hasattr(n, "metadata_props") and len(original.metadata_props):
+                del n.metadata_props[:]
+                n.metadata_props.extend(original.metadata_props)
 
 
 def _keep_value_info_order(src: onnx.ModelProto, out: onnx.ModelProto) -> None:

@@ -147,7 +147,7 @@ def _fold_chain(graph: gs.Graph, steps: list[AffineStep], planner: Planner, stat
     affine = compose(steps)
     x, y = steps[0].data, steps[-1].node.outputs[0]
 
-    producer_result = _try_producer(graph, steps, x, affine, planner)
+    producer_result = _try_producer(graph, steps, x, affine, planner, state)
     if isinstance(producer_result, LayerPlan):
         if not bns and _pointless(producer_result, steps):
             return
@@ -196,13 +196,26 @@ def _record(cand: Candidate, plan: LayerPlan, direction: str, affine: Affine, st
 # deciding
 # ---------------------------------------------------------------------------------------------
 def _try_producer(
-    graph: gs.Graph, steps: list[AffineStep], x: gs.Tensor, affine: Affine, planner: Planner
+    graph: gs.Graph, steps: list[AffineStep], x: gs.Tensor, affine: Affine, planner: Planner, state: PassState
 ) -> LayerPlan | SkipReason | None:
     if not x.inputs:
         return None
     producer = x.inputs[0]
     if producer.op not in PRODUCERS or (producer.domain or "") not in ("", "ai.onnx"):
+        # A per-channel Mul/Add the chain could not absorb (MatMul → Add(bias) → BN with the Add's
+        # output read elsewhere): name that, not "no linear neighbour".
+        if isinstance(_step(producer, state), AffineStep) and (len(x.outputs) > 1 or is_graph_output(x, graph)):
+            return _shared_output_reason(graph, steps, x, producer)
         return None
+    shared = _shared_output_reason(graph, steps, x, producer)
+    if shared is not None:
+        return shared
+    if len(producer.outputs) != 1:
+        return SkipReason(Reason.UNSUPPORTED, f"{producer.op} '{display(producer)}' has several outputs")
+    return planner.producer(producer, affine)
+
+
+def _shared_output_reason(graph: gs.Graph, steps: list[AffineStep], x: gs.Tensor, producer: gs.Node) -> SkipReason | None:
     if is_graph_output(x, graph):
         return SkipReason(
             Reason.GRAPH_OUTPUT, f"{producer.op} '{display(producer)}' output '{x.name}' is also a graph output"
@@ -213,9 +226,7 @@ def _try_producer(
         return SkipReason(
             Reason.OTHER_CONSUMER, f"{producer.op} '{display(producer)}' output '{x.name}' also feeds {names}"
         )
-    if len(producer.outputs) != 1:
-        return SkipReason(Reason.UNSUPPORTED, f"{producer.op} '{display(producer)}' has several outputs")
-    return planner.producer(producer, affine)
+    return None
 
 
 def _try_consumer(

@@ -101,14 +101,14 @@ def test_names_and_metadata_kept(rich):
     assert [v.name for v in out.graph.value_info] == ["r1"]
 
 
-@pytest.mark.xfail(reason="graph input/output doc_strings are dropped by the graphsurgeon export (see /tmp/bnfold-bugs.md)", strict=True)
+
 def test_graph_input_and_output_doc_strings_kept(rich):
     m, out, _ = rich
     assert [o.SerializeToString() for o in out.graph.output] == [o.SerializeToString() for o in m.graph.output]
     assert [i.SerializeToString() for i in out.graph.input] == [i.SerializeToString() for i in m.graph.input]
 
 
-@pytest.mark.xfail(reason="node doc_strings are dropped by the graphsurgeon round trip (see /tmp/bnfold-bugs.md)", strict=True)
+
 def test_node_doc_strings_kept(rich):
     m, out, _ = rich
     got = {n.name: n for n in out.graph.node}

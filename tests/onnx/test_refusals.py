@@ -244,7 +244,7 @@ def test_no_linear_neighbour():
     _only(m, Reason.NO_LINEAR_NEIGHBOUR)
 
 
-@pytest.mark.xfail(reason="reported as no-linear-neighbour, see /tmp/bnfold-bugs.md", strict=True)
+
 @pytest.mark.parametrize("twist", ["other-consumer", "graph-output"])
 def test_matmul_bias_add_output_with_other_consumer_reason(twist):
     """MatMul → Add(bias) → BN where the Add's output is also read elsewhere: the reason is that reader."""
