@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
@@ -116,7 +117,9 @@ def _fold(proto: onnx.ModelProto, assume_constant: bool) -> tuple[onnx.ModelProt
     if not any(c.status is Status.FOLDED for c in state.candidates):
         return proto, state
     graph.toposort()
+    parked = _park_large_constants(graph)
     out = gs.export_onnx(graph, do_type_check=False)
+    _unpark(out.graph, parked)
     functions = list(out.functions) or list(proto.functions)
     _copy_model_fields(proto, out)  # the exported graph is used as it is: no second copy of the weights
     del out.functions[:]
@@ -125,6 +128,41 @@ def _fold(proto: onnx.ModelProto, assume_constant: bool) -> tuple[onnx.ModelProt
     _keep_value_info_order(proto, out)
     _restore_doc_strings(proto, out)
     return out, state
+
+
+PARK_BYTES = 1 << 20
+
+
+def _park_large_constants(graph: gs.Graph) -> dict[str, object]:
+    """Swap every large constant for a data-less stand-in before the graphsurgeon export.
+
+    The export copies each initializer twice (into the GraphProto, then into the ModelProto); with the
+    stand-ins those copies are of a few bytes, and `_unpark` writes each real tensor into its place once.
+    """
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    parked: dict[str, object] = {}
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant):
+            continue
+        values = tensor._values
+        nbytes = values.nbytes if hasattr(values, "nbytes") else 0
+        if nbytes < PARK_BYTES:
+            continue
+        proto = values.tensor if isinstance(values, LazyValues) else onnx.numpy_helper.from_array(np.asarray(values), tensor.name)
+        stand_in = onnx.TensorProto(name=tensor.name, data_type=proto.data_type, dims=list(proto.dims))
+        parked[tensor.name] = proto
+        tensor._values = LazyValues(stand_in)
+    return parked
+
+
+def _unpark(graph: onnx.GraphProto, parked: dict[str, object]) -> None:
+    for initializer in graph.initializer:
+        proto = parked.pop(initializer.name, None)
+        if proto is not None:
+            name = initializer.name
+            initializer.CopyFrom(proto)
+            initializer.name = name
 
 
 def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
