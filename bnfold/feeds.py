@@ -1,0 +1,123 @@
+"""Seeded inputs built from a model's signature, or the user's own from an .npz file.
+
+A symbolic dimension takes 1 unless `--shape name:1x3x224x224` (or `batch`) says otherwise. Inputs come
+in several distributions — standard normal, uniform in [-1, 1], and one of large magnitude — because a
+fold that is only wrong for negative or large inputs must still be caught.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bnfold.errors import InputError, UsageError
+
+DISTRIBUTIONS = ("normal", "uniform", "large")
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list[int]
+    dtype: np.dtype
+
+
+def parse_shapes(specs: tuple[str, ...] | list[str] | None) -> dict[str, list[int]]:
+    """`["input:1x3x224x224", "mask:1x224"]` → {name: [dims]}; a one-line `UsageError` when malformed."""
+    out: dict[str, list[int]] = {}
+    for spec in specs or ():
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = [int(d) for d in dims.lower().split("x")]
+            if any(d < 0 for d in out[name]):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--shape {spec!r}: expected NAME:D1xD2x… (e.g. input:1x3x224x224)") from None
+    return out
+
+
+def input_specs(session, shapes: dict[str, list[int]] | None = None, batch: int | None = None) -> list[InputSpec]:
+    """The inputs an onnxruntime session expects, with every dimension made concrete."""
+    shapes = shapes or {}
+    specs = []
+    for arg in session.get_inputs():
+        dtype = _ORT_TYPES.get(arg.type)
+        if dtype is None:
+            raise UsageError(f"input '{arg.name}' has type {arg.type}, which bnfold cannot generate; pass --inputs")
+        if arg.name in shapes:
+            dims = shapes[arg.name]
+            if arg.shape and len(dims) != len(arg.shape):
+                raise UsageError(f"--shape {arg.name}: {len(dims)} dims given, the model expects {len(arg.shape)}")
+        else:
+            dims = []
+            for i, d in enumerate(arg.shape or []):
+                if isinstance(d, int) and d >= 0:
+                    dims.append(batch if (i == 0 and batch is not None and not isinstance(d, int)) else d)
+                else:
+                    dims.append(batch if (i == 0 and batch is not None) else 1)
+        specs.append(InputSpec(arg.name, dims, np.dtype(dtype)))
+    unknown = set(shapes) - {s.name for s in specs}
+    if unknown:
+        raise UsageError(f"--shape names no input of the model: {', '.join(sorted(unknown))}")
+    return specs
+
+
+def random_feeds(specs: list[InputSpec], trial: int, seed: int = 0) -> tuple[str, dict[str, np.ndarray]]:
+    """Trial `trial`'s inputs: the distribution cycles through DISTRIBUTIONS, the seed fixes the values."""
+    dist = DISTRIBUTIONS[trial % len(DISTRIBUTIONS)]
+    rng = np.random.default_rng([seed, trial])
+    feeds = {}
+    for spec in specs:
+        shape = tuple(spec.shape)
+        if spec.dtype == np.bool_:
+            feeds[spec.name] = rng.random(shape) < 0.5
+        elif np.issubdtype(spec.dtype, np.integer):
+            info = np.iinfo(spec.dtype)
+            lo, hi = max(info.min, -8), min(info.max, 8)
+            feeds[spec.name] = rng.integers(lo, hi, size=shape, endpoint=True).astype(spec.dtype)
+        else:
+            if dist == "normal":
+                x = rng.standard_normal(shape)
+            elif dist == "uniform":
+                x = rng.uniform(-1.0, 1.0, shape)
+            else:
+                scale = 30.0 if spec.dtype == np.float16 else 100.0  # large, yet far from fp16's 65504 ceiling
+                x = rng.standard_normal(shape) * scale
+            feeds[spec.name] = x.astype(spec.dtype)
+    return dist, feeds
+
+
+def load_npz(path: str | os.PathLike[str], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """The user's inputs; every model input must be there, with its dtype."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except Exception as exc:
+        raise InputError(f"{p}: not a readable .npz file ({exc})") from None
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise InputError(f"{p}: lacks the model input(s) {', '.join(missing)} (has {', '.join(arrays) or 'nothing'})")
+    return {s.name: np.asarray(arrays[s.name]).astype(s.dtype, copy=False) for s in specs}
