@@ -72,7 +72,7 @@ def input_specs(session, shapes: dict[str, list[int]] | None = None, batch: int 
             dims = []
             for i, d in enumerate(arg.shape or []):
                 if isinstance(d, int) and d >= 0:
-                    dims.append(batch if (i == 0 and batch is not None and not isinstance(d, int)) else d)
+                    dims.append(d)  # a fixed dimension stays, batch included
                 else:
                     dims.append(batch if (i == 0 and batch is not None) else 1)
         specs.append(InputSpec(arg.name, dims, np.dtype(dtype)))
