@@ -61,8 +61,8 @@ class Affine:
 
 
 def as_f64(values: np.ndarray) -> np.ndarray:
-    """The stored values as float64 (bfloat16 and float16 widen exactly)."""
-    return np.asarray(values).astype(F64)
+    """The stored values as a new float64 array (bfloat16 and float16 widen exactly)."""
+    return np.array(values, dtype=F64)
 
 
 def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
@@ -106,9 +106,10 @@ def _along(axis: int, ndim: int, v: np.ndarray) -> np.ndarray:
 
 def fold_into_conv(weight, bias, a: Affine) -> tuple[np.ndarray, np.ndarray]:
     """Conv weight ``[C_out, C_in/g, k…]``: the output channel is axis 0, whatever the groups."""
-    w = as_f64(weight)
+    w = as_f64(weight)  # a fresh float64 copy: scaled in place, no third array of the weight's size
+    w *= _along(0, w.ndim, a.scale)
     b = np.zeros(w.shape[0], F64) if bias is None else as_f64(bias).reshape(-1)
-    return w * _along(0, w.ndim, a.scale), a.scale * b + a.shift
+    return w, a.scale * b + a.shift
 
 
 def fold_into_conv_transpose(weight, bias, a: Affine, groups: int) -> tuple[np.ndarray, np.ndarray]:
