@@ -30,14 +30,19 @@ _ORT_TYPES = {
     "tensor(uint32)": np.uint32,
     "tensor(uint64)": np.uint64,
     "tensor(bool)": np.bool_,
+    "tensor(string)": np.object_,
 }
 
 
 @dataclass
 class InputSpec:
+    """One input to feed: the concrete shape to generate, and the shape the model declares (an int is a
+    fixed dimension, a str or None a free one) so that user-given arrays can be checked against it."""
+
     name: str
     shape: list[int]
     dtype: np.dtype
+    declared: tuple[int | str | None, ...] | None = None
 
 
 def parse_shapes(specs: tuple[str, ...] | list[str] | None) -> dict[str, list[int]]:
@@ -48,9 +53,9 @@ def parse_shapes(specs: tuple[str, ...] | list[str] | None) -> dict[str, list[in
         try:
             if not sep or not name:
                 raise ValueError
-            out[name] = [int(d) for d in dims.lower().split("x")]
-            if any(d < 0 for d in out[name]):
+            if not dims.isascii() or not all(d.isdigit() for d in dims.lower().split("x")):
                 raise ValueError
+            out[name] = [int(d) for d in dims.lower().split("x")]
         except ValueError:
             raise UsageError(f"--shape {spec!r}: expected NAME:D1xD2x… (e.g. input:1x3x224x224)") from None
     return out
@@ -64,10 +69,17 @@ def input_specs(session, shapes: dict[str, list[int]] | None = None, batch: int 
         dtype = _ORT_TYPES.get(arg.type)
         if dtype is None:
             raise UsageError(f"input '{arg.name}' has type {arg.type}, which bnfold cannot generate; pass --inputs")
+        declared = tuple(d if isinstance(d, int) and d >= 0 else (d or None) for d in (arg.shape or []))
         if arg.name in shapes:
             dims = shapes[arg.name]
             if arg.shape and len(dims) != len(arg.shape):
                 raise UsageError(f"--shape {arg.name}: {len(dims)} dims given, the model expects {len(arg.shape)}")
+            for i, (want, have) in enumerate(zip(dims, declared)):
+                if isinstance(have, int) and want != have:
+                    raise UsageError(
+                        f"--shape {arg.name}: dimension {i} is {want}, but the model fixes it at {have} "
+                        f"({_fmt(declared)})"
+                    )
         else:
             dims = []
             for i, d in enumerate(arg.shape or []):
@@ -75,7 +87,7 @@ def input_specs(session, shapes: dict[str, list[int]] | None = None, batch: int 
                     dims.append(d)  # a fixed dimension stays, batch included
                 else:
                     dims.append(batch if (i == 0 and batch is not None) else 1)
-        specs.append(InputSpec(arg.name, dims, np.dtype(dtype)))
+        specs.append(InputSpec(arg.name, dims, np.dtype(dtype), declared))
     unknown = set(shapes) - {s.name for s in specs}
     if unknown:
         raise UsageError(f"--shape names no input of the model: {', '.join(sorted(unknown))}")
@@ -91,6 +103,9 @@ def random_feeds(specs: list[InputSpec], trial: int, seed: int = 0) -> tuple[str
         shape = tuple(spec.shape)
         if spec.dtype == np.bool_:
             feeds[spec.name] = rng.random(shape) < 0.5
+        elif spec.dtype == np.object_:  # string tensors: a few words, the empty string among them
+            words = np.array(["", "a", "bn", "fold"], dtype=object)
+            feeds[spec.name] = words[rng.integers(0, len(words), size=shape)]
         elif np.issubdtype(spec.dtype, np.integer):
             info = np.iinfo(spec.dtype)
             lo, hi = max(info.min, -8), min(info.max, 8)
@@ -108,7 +123,13 @@ def random_feeds(specs: list[InputSpec], trial: int, seed: int = 0) -> tuple[str
 
 
 def load_npz(path: str | os.PathLike[str], specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """The user's inputs; every model input must be there, with its dtype."""
+    """The user's inputs (``np.savez(path, input=x, ...)``), checked against the model's signature.
+
+    Every input must be there and nothing else (an unknown name is most likely a typo), with the
+    declared rank and fixed dimensions, and a dtype of the same kind: a float64 array for a float32
+    input is cast once (both models get the same cast values), an int64 array for it is refused.
+    Caught here, a mismatch is a one-line error instead of an onnxruntime traceback.
+    """
     p = Path(path)
     try:
         with np.load(p, allow_pickle=False) as data:
@@ -120,4 +141,31 @@ def load_npz(path: str | os.PathLike[str], specs: list[InputSpec]) -> dict[str, 
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise InputError(f"{p}: lacks the model input(s) {', '.join(missing)} (has {', '.join(arrays) or 'nothing'})")
-    return {s.name: np.asarray(arrays[s.name]).astype(s.dtype, copy=False) for s in specs}
+    extra = sorted(set(arrays) - {s.name for s in specs})
+    if extra:
+        raise InputError(
+            f"{p}: {', '.join(extra)} is not an input of the model (inputs: {', '.join(s.name for s in specs)})"
+        )
+    out = {}
+    for s in specs:
+        a = np.asarray(arrays[s.name])
+        declared = s.declared if s.declared is not None else tuple(s.shape)
+        if len(a.shape) != len(declared) or any(isinstance(d, int) and d != n for d, n in zip(declared, a.shape)):
+            raise InputError(f"{p}: '{s.name}' has shape {_fmt(a.shape)}, the model expects {_fmt(declared)}")
+        if _kind(a.dtype) != _kind(s.dtype):
+            raise InputError(f"{p}: '{s.name}' is {a.dtype}, the model expects {_type_name(s.dtype)}")
+        out[s.name] = a.astype(s.dtype, copy=False)
+    return out
+
+
+def _kind(dt: np.dtype) -> str:
+    """Families a cast may stay within: float, integer, bool, string."""
+    return {"f": "float", "i": "int", "u": "int", "b": "bool", "U": "str", "S": "str", "O": "str"}.get(dt.kind, dt.kind)
+
+
+def _type_name(dt: np.dtype) -> str:
+    return "string" if dt == np.object_ else dt.name
+
+
+def _fmt(shape) -> str:
+    return "x".join("?" if d is None else str(d) for d in shape) or "scalar"
