@@ -52,6 +52,7 @@ class OutputComparison:
     atol: float = 0.0
     passed: bool = True
     worst_trial: str = ""
+    mismatches: int = 0  # elements beyond atol + rtol·scale (integer outputs: elements that differ), all trials
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -151,8 +152,8 @@ def verify_onnx(
                     dist, feeds = random_feeds(specs, trial, seed)
                 else:
                     dist, feeds = "npz", load_npz(inputs, specs)
-                ra = sa.run(None, feeds)
-                rb = sb.run(None, feeds)
+                ra = _run(sa, feeds, src_a.label, dist)
+                rb = _run(sb, feeds, src_b.label, dist)
                 for name, a, b in zip(names_a, ra, rb):
                     _accumulate(comps, name, np.asarray(a), np.asarray(b), rtol, atol, dist)
             result.outputs[prov] = list(comps.values())
@@ -160,6 +161,18 @@ def verify_onnx(
         src_a.close()
         src_b.close()
     return result
+
+
+def _run(session: Any, feeds: dict[str, np.ndarray], label: str, dist: str) -> list[Any]:
+    """One run; onnxruntime's own failure (an index out of range, a shape it rejects) becomes a
+    one-line `InputError` naming the model and the inputs, not a traceback."""
+    try:
+        return session.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        from bnfold.errors import InputError
+
+        text = " ".join(str(exc).split())
+        raise InputError(f"{label}: onnxruntime failed on the {dist} inputs ({text[:300]})") from None
 
 
 def _label(model: Any, default: str) -> str:
@@ -180,12 +193,16 @@ def _accumulate(
         c.passed = False
         c.worst_trial = f"{dist}: shapes {a.shape} vs {b.shape}"
         return
-    if not np.issubdtype(a.dtype, np.floating):
-        diff = int(np.count_nonzero(a != b))
-        if diff:
+    if not np.issubdtype(a.dtype, np.floating):  # integers, bool, strings: equal or not
+        differ = a != b
+        c.mismatches += int(np.count_nonzero(differ))
+        if differ.any():
             c.passed = False
-            c.max_abs = max(c.max_abs, float(diff))
-            c.worst_trial = dist
+            c.worst_trial = c.worst_trial or dist
+            if np.issubdtype(a.dtype, np.number):
+                c.max_abs = max(c.max_abs, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+            else:
+                c.max_abs = max(c.max_abs, 1.0)
         return
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     finite = np.isfinite(a64) & np.isfinite(b64)
@@ -193,10 +210,12 @@ def _accumulate(
     if not np.all(finite | same_special):
         c.passed = False
         c.worst_trial = f"{dist}: non-finite values differ"
-    err = np.abs(a64 - b64)[finite] if finite.any() else np.zeros(1)
+    err = np.abs(a64[finite] - b64[finite]) if finite.any() else np.zeros(1)
     scale = float(np.max(np.abs(a64[finite]))) if finite.any() else 0.0
     max_abs = float(err.max()) if err.size else 0.0
     rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    c.mismatches += int(np.count_nonzero(err > c.atol + c.rtol * scale)) if finite.any() else 0
+    c.mismatches += int(np.count_nonzero(~(finite | same_special)))
     if max_abs > c.atol + c.rtol * scale:
         c.passed = False
         c.worst_trial = c.worst_trial or dist
@@ -219,4 +238,9 @@ def _max_ulp(a: np.ndarray, b: np.ndarray) -> int | None:
         i = x.view(ints).astype(np.int64)
         return np.where(i < 0, np.iinfo(ints).min - i, i)
 
-    return int(np.max(np.abs(ordered(np.ascontiguousarray(a)) - ordered(np.ascontiguousarray(b)))))
+    oa, ob = ordered(np.ascontiguousarray(a)), ordered(np.ascontiguousarray(b))
+    # |oa - ob| overflows int64 for float64 values of opposite sign: count each side's ulps from zero
+    same_sign = (oa < 0) == (ob < 0)
+    dist = np.where(same_sign, np.abs(oa - np.where(same_sign, ob, oa)), 0).astype(np.uint64)
+    dist = np.maximum(dist, np.where(same_sign, 0, np.abs(oa).astype(np.uint64) + np.abs(ob).astype(np.uint64)))
+    return int(dist.max())

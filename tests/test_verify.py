@@ -175,3 +175,132 @@ def test_verify_on_cuda() -> None:
     folded, _ = fold_onnx(RESNET)
     result = verify_onnx(RESNET, folded, provider="cuda")
     assert result.passed and list(result.outputs) == ["cuda"]
+
+
+# -- comparison details: integer outputs, non-finite values, ulps, float64, the optimisation level ----
+def conv_bn_argmax() -> onnx.ModelProto:
+    """Conv → BN → output `y` (float) and ArgMax over channels → `idx` (int64): two outputs, two kinds."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+        bn_node("bn", "c", "y"),
+        helper.make_node("ArgMax", ["y"], ["idx"], name="argmax", axis=1, keepdims=0),
+    ]
+    m = model(nodes, [("input", ["N", 3, 4, 4])], [("y", ["N", 4, 4, 4]), ("idx", ["N", 4, 4])],
+              [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)])
+    m.graph.output[1].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    return m
+
+
+def test_integer_outputs_must_be_equal_float_outputs_within_tolerance() -> None:
+    m = conv_bn_argmax()
+    folded, _ = fold_onnx(m)
+    result = verify_onnx(m, folded, trials=3)
+    assert result.passed, str(result)
+    y, idx = result.outputs["cpu"]
+    assert (y.dtype, idx.dtype) == ("float32", "int64") and idx.max_ulp is None and idx.max_abs == 0
+    # swap two output channels of the BN: y differs a lot, ArgMax picks other indices
+    bad = onnx.ModelProto()
+    bad.CopyFrom(folded)
+    for t in bad.graph.initializer:
+        if len(t.dims) == 4:
+            w = onnx.numpy_helper.to_array(t).copy()
+            w[[0, 1]] = w[[1, 0]]
+            t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+    r = verify_onnx(m, bad)
+    y, idx = r.outputs["cpu"]
+    assert not r.passed and not y.passed and not idx.passed and idx.mismatches > 0 and idx.max_abs >= 1
+    assert r.to_dict()["outputs"]["cpu"][1]["mismatches"] == idx.mismatches
+
+
+def test_float64_model_is_held_to_float64_tolerance() -> None:
+    """Gemm → BN in float64 (onnxruntime's CPU build has no float64 Conv)."""
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Gemm", ["input", "w", "b"], ["g"], name="gemm", transB=1), bn_node("bn", "g", "y")]
+    inits = [init("w", rng.standard_normal((5, 7))), init("b", rng.standard_normal(5)), *bn_inits("bn", 5, rng, np.float64)]
+    m = model(nodes, [("input", ["N", 7])], [("y", ["N", 5])], inits, elem=onnx.TensorProto.DOUBLE)
+    folded, report = fold_onnx(m)
+    assert report.folded == 1
+    result = verify_onnx(m, folded)
+    y = result.outputs["cpu"][0]
+    assert result.passed and y.dtype == "float64" and y.rtol == 1e-10 and y.max_rel_to_scale < 1e-12
+
+
+def test_tolerance_overrides_decide_the_verdict() -> None:
+    folded, _ = fold_onnx(RESNET)
+    bad = corrupt(folded)
+    (out,) = verify_onnx(RESNET, bad).outputs["cpu"]
+    assert not out.passed and out.mismatches > 0 and out.max_ulp > 100
+    assert verify_onnx(RESNET, bad, rtol=10 * out.max_rel_to_scale).passed
+    assert verify_onnx(RESNET, bad, rtol=0.0, atol=2 * out.max_abs).passed
+    r = CliRunner().invoke(main, ["verify", str(RESNET), "-", "--rtol", "x"])
+    assert r.exit_code == EXIT_USAGE
+
+
+def test_nan_in_the_same_place_is_equal_a_new_nan_is_a_mismatch(monkeypatch) -> None:
+    from bnfold import verify as verify_mod
+
+    comps: dict = {}
+    a = np.array([1.0, np.nan, np.inf, -2.0], np.float32)
+    verify_mod._accumulate(comps, "y", a, a.copy(), None, None, "normal")
+    assert comps["y"].passed and comps["y"].max_abs == 0
+    b = a.copy()
+    b[0] = np.nan
+    verify_mod._accumulate(comps, "y", a, b, None, None, "large")
+    assert not comps["y"].passed and "non-finite" in comps["y"].worst_trial
+    comps = {}
+    verify_mod._accumulate(comps, "y", a, np.array([1.0, np.nan, -np.inf, -2.0], np.float32), None, None, "normal")
+    assert not comps["y"].passed
+
+
+def test_ulp_distance_counts_across_zero_and_never_overflows() -> None:
+    from bnfold.verify import _max_ulp
+
+    one = np.float32(1.0)
+    assert _max_ulp(np.array([one]), np.array([np.nextafter(one, np.float32(2))])) == 1
+    assert _max_ulp(np.array([-0.0], np.float32), np.array([0.0], np.float32)) == 0
+    tiny = np.finfo(np.float16).smallest_subnormal
+    assert _max_ulp(np.array([tiny], np.float16), np.array([-tiny], np.float16)) == 2
+    assert _max_ulp(np.array([1e300]), np.array([-1e300])) > 2**63  # would wrap in int64
+
+
+def test_both_sessions_run_at_ort_disable_all(monkeypatch) -> None:
+    """onnxruntime fuses Conv+BN at its basic level: an optimised reference would check the fold against itself."""
+    levels = []
+    real = ort.InferenceSession
+
+    def spy(model, sess_options=None, *args, **kwargs):
+        levels.append(sess_options.graph_optimization_level)
+        return real(model, sess_options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    folded, _ = fold_onnx(RESNET)
+    verify_onnx(RESNET, folded, trials=1)
+    assert levels == [ort.GraphOptimizationLevel.ORT_DISABLE_ALL] * 2
+
+
+def test_onnxruntime_failure_at_run_time_is_a_one_line_error(tmp_path: Path) -> None:
+    """A Gather index beyond the table: onnxruntime fails while running, not while loading."""
+    table = init("table", np.arange(6, dtype=np.float32).reshape(2, 3))
+    nodes = [helper.make_node("Gather", ["table", "i"], ["output"], name="gather", axis=0)]
+    m = model(nodes, [("i", [2])], [("output", [2, 3])], [table])
+    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    path = tmp_path / "g.onnx"
+    onnx.save(m, path)
+    np.savez(tmp_path / "bad.npz", i=np.array([0, 7], np.int64))
+    result = CliRunner().invoke(main, ["verify", str(path), str(path), "--inputs", str(tmp_path / "bad.npz")])
+    assert result.exit_code == EXIT_USAGE and "Traceback" not in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "onnxruntime failed" in lines[0]
+    np.savez(tmp_path / "ok.npz", i=np.array([1, 0], np.int64))
+    ok = CliRunner().invoke(main, ["verify", str(path), str(path), "--inputs", str(tmp_path / "ok.npz")])
+    assert ok.exit_code == EXIT_OK and "int64" not in ok.output.split("\n")[0]
+
+
+def test_sample_fp16_model_folds_and_passes() -> None:
+    path = ROOT / "sample_models" / "conv_bn_fp16.onnx"
+    folded, report = fold_onnx(path)
+    assert report.folded == 1
+    result = verify_onnx(path, folded, trials=3)
+    (out,) = result.outputs["cpu"]
+    assert result.passed and out.dtype == "float16" and out.rtol == 1e-2, str(result)
