@@ -20,7 +20,7 @@ from onnx import helper
 from bnfold.errors import BnfoldError, InputError
 from bnfold.onnx import io
 from bnfold.onnx.constants import ConstantResolver
-from bnfold.onnx.fold import PassState, fold_graph
+from bnfold.onnx.fold import PassState, Spill, fold_graph
 from bnfold.report import FoldReport, Status
 
 ModelLike = "onnx.ModelProto | str | os.PathLike[str]"
@@ -31,16 +31,20 @@ def fold_onnx(
     *,
     assume_constant: bool = False,
     dry_run: bool = False,
+    spill_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every BatchNorm (and per-channel affine chain) that can be folded exactly.
 
     ``model``: a path or an in-memory ``ModelProto`` (never mutated). ``assume_constant``: treat
-    initializers that are also graph inputs (IR ≥ 4) as constants. Returns the folded model and the report.
+    initializers that are also graph inputs (IR ≥ 4) as constants. ``spill_dir``: write folded weights
+    to a file there instead of keeping them in memory; the result then refers to that file and must be
+    written with `bnfold.onnx.io.save_model` before the folder goes (the CLI does this for large models).
+    Returns the folded model and the report.
     """
     start = time.perf_counter()
     source, proto = _load(model)
     report = FoldReport(source=source, dry_run=dry_run)
-    folded, state = _fold(proto, assume_constant)
+    folded, state = _fold(proto, assume_constant, spill_dir) if spill_dir is not None else _fold(proto, assume_constant)
     report.candidates = state.candidates if state else []
     report.notes = list(state.notes) if state else []
     report.nodes_before = count_nodes(proto.graph) + sum(len(f.node) for f in proto.functions)
@@ -101,7 +105,9 @@ def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[str, onnx.Mo
     raise InputError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
 
 
-def _fold(proto: onnx.ModelProto, assume_constant: bool) -> tuple[onnx.ModelProto, PassState]:
+def _fold(
+    proto: onnx.ModelProto, assume_constant: bool, spill_dir: str | os.PathLike[str] | None = None
+) -> tuple[onnx.ModelProto, PassState]:
     """Import into onnx-graphsurgeon, fold, export, and restore what the export does not carry."""
     overridable = _overridable_initializers(proto)
     treat_as_constant = assume_constant or proto.ir_version < 4
@@ -111,9 +117,15 @@ def _fold(proto: onnx.ModelProto, assume_constant: bool) -> tuple[onnx.ModelProt
     resolver = ConstantResolver(overridable, treat_as_constant, shapes, opset)
     names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
     state = PassState(resolver, shapes, names)
-    fold_graph(graph, state)
-    for function in getattr(graph, "functions", []):
-        fold_graph(function, state, f"function {function.domain}.{function.name}")
+    if spill_dir is not None:
+        state.spill = Spill(os.path.join(os.fspath(spill_dir), "bnfold-folded-weights.bin"))
+    try:
+        fold_graph(graph, state)
+        for function in getattr(graph, "functions", []):
+            fold_graph(function, state, f"function {function.domain}.{function.name}")
+    finally:
+        if state.spill is not None:
+            state.spill.close()
     if not any(c.status is Status.FOLDED for c in state.candidates):
         return proto, state
     graph.toposort()

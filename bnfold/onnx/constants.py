@@ -142,7 +142,9 @@ def _values(tensor: gs.Constant) -> np.ndarray:
     """The constant's values, read without caching them in the graph (a weight is read once, then replaced)."""
     values = tensor._values
     if isinstance(values, gs.ir.tensor.LazyValues):
-        return np.asarray(values.load())
+        from bnfold.onnx.io import read_tensor
+
+        return np.asarray(read_tensor(values.tensor))  # also reads a reference to an external file
     return np.asarray(tensor.values)
 
 

@@ -41,6 +41,7 @@ class PassState:
     notes: list[str] = field(default_factory=list)
     modified: set[str] = field(default_factory=set)  # initializer names whose values changed or vanished
     flushed: int = 0
+    spill: "Spill | None" = None  # where folded weights go when they should not stay in memory
 
     def rank_of(self, tensor: gs.Tensor) -> int | None:
         if isinstance(tensor, gs.Constant):
@@ -339,13 +340,13 @@ def _write_params(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
         private = isinstance(old, gs.Constant) and len(old.outputs) == 1
         if present and private:
             assert isinstance(old, gs.Constant)
-            old.values = _as_tensor_proto(values, old.name)
+            old.values = _as_tensor_proto(values, old.name, state.spill)
             state.modified.add(old.name)
             state.resolver.forget(old)
             continue
         base = old.name if present and old.name else f"{display(node)}.{'bias' if index == 2 else 'param'}"
         new_name = state.unique(f"{base}_folded" if present else base)
-        new = gs.Constant(new_name, _as_tensor_proto(values, new_name))
+        new = gs.Constant(new_name, _as_tensor_proto(values, new_name, state.spill))
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
         if index < len(node.inputs):
@@ -358,12 +359,46 @@ def _write_params(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
         node.attrs[key] = value
 
 
-def _as_tensor_proto(values: np.ndarray, name: str) -> gs.ir.tensor.LazyValues:
+class Spill:
+    """An append-only file of folded weights, so a model of any size folds in bounded memory.
+
+    Each weight is written as soon as it is folded and kept in the graph as a reference (absolute path,
+    offset, length); `bnfold.onnx.io.save_model` streams it into the output's data file.
+    """
+
+    MIN_BYTES = 1 << 16
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fh = open(path, "wb")
+
+    def add(self, values: np.ndarray, name: str) -> onnx.TensorProto:
+        proto = onnx.numpy_helper.from_array(values[:0].reshape(0), name)  # dtype only
+        del proto.dims[:]
+        proto.dims.extend(values.shape)
+        offset = self._fh.tell()
+        self._fh.write(np.ascontiguousarray(values).tobytes())
+        self._fh.flush()
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path), ("offset", str(offset)), ("length", str(values.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        proto.ClearField("raw_data")
+        return proto
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _as_tensor_proto(values: np.ndarray, name: str, spill: Spill | None) -> gs.ir.tensor.LazyValues:
     """Hold a folded value as the TensorProto it will be exported as, not as a second numpy copy.
 
     onnx-graphsurgeon exports a LazyValues' TensorProto as it is; a numpy value would be converted
     at export time while the array is still alive — one more copy of every folded weight at the peak.
+    With a spill file, large values leave memory altogether.
     """
+    if spill is not None and values.nbytes >= Spill.MIN_BYTES:
+        return gs.ir.tensor.LazyValues(spill.add(values, name))
     return gs.ir.tensor.LazyValues(onnx.numpy_helper.from_array(np.ascontiguousarray(values), name))
 
 

@@ -11,7 +11,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -26,8 +28,15 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
     return load_model_and_layout(path, check=check)[0]
 
 
-def load_model_and_layout(path: str | os.PathLike[str], *, check: bool = True) -> tuple[onnx.ModelProto, bool]:
-    """The model, and whether its file kept tensors in external data (so the output can do the same)."""
+def load_model_and_layout(
+    path: str | os.PathLike[str], *, check: bool = True, load_data: bool = True
+) -> tuple[onnx.ModelProto, bool]:
+    """The model, and whether its file kept tensors in external data (so the output can do the same).
+
+    ``load_data=False`` leaves external tensors where they are — in memory only a reference with an
+    absolute location — so a model of any size costs next to no memory until a tensor is read
+    (`read_tensor`); `save_model` streams such tensors into the output's data file.
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -43,7 +52,10 @@ def load_model_and_layout(path: str | os.PathLike[str], *, check: bool = True) -
         raise InputError(f"{p}: not an ONNX model (no graph; is it truncated or another format?)")
     external = has_external_data(model)
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        if load_data:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        else:
+            _absolute_locations(model, p.parent)
     except (FileNotFoundError, OSError) as exc:
         missing = getattr(exc, "filename", None) or _short(exc)
         raise InputError(f"{p}: external data file missing or unreadable: {missing}") from None
@@ -124,7 +136,7 @@ def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto
         n = 1
         for d in t.dims:
             n *= d
-        if n <= keep_elements:
+        if n <= keep_elements and not onnx.external_data_helper.uses_external_data(t):
             g.initializer.append(t)
         elif t.name not in listed:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -137,6 +149,34 @@ def has_external_data(model: onnx.ModelProto) -> bool:
         t.data_location == onnx.TensorProto.EXTERNAL or t.external_data
         for t in onnx.external_data_helper._get_all_tensors(model)
     )
+
+
+def _absolute_locations(model: onnx.ModelProto, base: Path) -> None:
+    """Point every external reference at its file by absolute path (and check that the file is there)."""
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                full = (base / entry.value).resolve()
+                if not full.is_file():
+                    raise FileNotFoundError(2, "No such file", str(full))
+                entry.value = str(full)
+
+
+def read_tensor(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values, read from its external file if it has one (absolute location)."""
+    if not onnx.external_data_helper.uses_external_data(tensor):
+        return onnx.numpy_helper.to_array(tensor)
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    with open(info.location, "rb") as fh:
+        fh.seek(info.offset or 0)
+        data = fh.read(info.length) if info.length else fh.read()
+    inline = onnx.TensorProto()
+    inline.name, inline.data_type = tensor.name, tensor.data_type
+    inline.dims.extend(tensor.dims)
+    inline.raw_data = data
+    return onnx.numpy_helper.to_array(inline)
 
 
 def check_writable(path: str | os.PathLike[str], *, overwrite_ok: bool = True) -> Path:
@@ -161,13 +201,16 @@ def save_model(
     external_data: bool | None = None,
     overwrite_ok: bool = True,
     keep_data: bool = True,
+    before_commit: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Write atomically: into a temporary folder next to `path`, then rename into place.
 
     ``external_data=None`` keeps tensors inline unless the model is over 2 GB; ``True`` writes them to
     ``<name>.data`` beside the model. Writing external data empties the tensors of `model`; with
-    ``keep_data`` (the default) they are read back so the caller's model stays whole. Returns the paths
-    written (model last).
+    ``keep_data`` (the default) they are read back so the caller's model stays whole. Tensors that are
+    references to another file (`load_model_and_layout(load_data=False)`) are streamed into the new data
+    file. ``before_commit(tmp_path)`` runs on the written files before they are renamed into place (the
+    fold command verifies there): if it raises, nothing is written. Returns the paths written (model last).
     """
     target = check_writable(path, overwrite_ok=overwrite_ok)
     parent = target.parent
@@ -186,27 +229,12 @@ def save_model(
         tmp_model = os.path.join(tmpdir, target.name)
         try:
             if external_data:
-                tensors = list(onnx.external_data_helper._get_all_tensors(model))
-                had_location = [t.HasField("data_location") for t in tensors]
-                onnx.save_model(
-                    model,
-                    tmp_model,
-                    save_as_external_data=True,
-                    all_tensors_to_one_file=True,
-                    location=data_name,
-                    size_threshold=1024,
-                )
-                try:  # postcondition, by path: works at any size
-                    onnx.checker.check_model(tmp_model)
-                except onnx.checker.ValidationError as exc:
-                    raise OutputError(f"{target}: the written model fails the ONNX checker: {_short(exc)}") from None
-                if keep_data:  # save_model moved the tensors out of `model`; bring them back as they were
-                    onnx.external_data_helper.load_external_data_for_model(model, tmpdir)
-                    for tensor, had in zip(tensors, had_location):
-                        if not had:
-                            tensor.ClearField("data_location")
+                _write_with_external_data(model, tmp_model, data_name, keep_data=keep_data, before=before_commit)
             else:
+                _materialize(model)
                 _write_serialized(model, tmp_model)
+                if before_commit is not None:
+                    before_commit(tmp_model)
         except (OSError, ValueError) as exc:
             raise OutputError(f"{target}: cannot write ({_short(exc)})") from None
         tmp_data = os.path.join(tmpdir, data_name)
@@ -218,6 +246,96 @@ def save_model(
         return written
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+COPY_CHUNK = 64 << 20
+
+
+def _write_with_external_data(
+    model: onnx.ModelProto, tmp_model: str, data_name: str, *, keep_data: bool, before: Callable[[str], None] | None
+) -> None:
+    """Tensors of 1 KiB or more go to `data_name` beside `tmp_model`; the model itself is left as it was.
+
+    In-memory tensors are written and emptied; referenced ones are copied over in chunks, so peak memory
+    stays at one chunk whatever the model's size. Afterwards every tensor gets its old content back.
+    """
+    ext = onnx.external_data_helper
+    restore: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, int, int, bool]] = []
+    data_path = os.path.join(os.path.dirname(tmp_model), data_name)
+    with open(data_path, "wb") as out:
+        for tensor in ext._get_all_tensors(model):
+            if ext.uses_external_data(tensor):
+                info = ext.ExternalDataInfo(tensor)
+                offset = _align(out)
+                with open(info.location, "rb") as src:
+                    src.seek(info.offset or 0)
+                    remaining = info.length if info.length else os.path.getsize(info.location) - (info.offset or 0)
+                    while remaining > 0:
+                        chunk = src.read(min(COPY_CHUNK, remaining))
+                        if not chunk:
+                            raise OSError(f"{info.location}: shorter than its tensors say")
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                old = [(e.key, e.value) for e in tensor.external_data]
+                _point_to(tensor, data_name, offset, out.tell() - offset)
+                restore.append((tensor, old, offset, out.tell() - offset, True))
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                had_location = tensor.HasField("data_location")
+                offset = _align(out)
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+                _point_to(tensor, data_name, offset, out.tell() - offset)
+                restore.append((tensor, None, offset, out.tell() - offset, had_location))
+    try:
+        _write_serialized(model, tmp_model)
+        try:  # postcondition, by path: works at any size
+            onnx.checker.check_model(tmp_model)
+        except onnx.checker.ValidationError as exc:
+            raise OutputError(f"the written model fails the ONNX checker: {_short(exc)}") from None
+        if before is not None:
+            before(tmp_model)
+    finally:
+        with open(data_path, "rb") as data:
+            for tensor, old, offset, length, had_location in restore:
+                if old is not None:  # a reference to another file: point it there again
+                    del tensor.external_data[:]
+                    for key, value in old:
+                        entry = tensor.external_data.add()
+                        entry.key, entry.value = key, value
+                elif keep_data:  # an in-memory tensor: read it back
+                    del tensor.external_data[:]
+                    tensor.ClearField("data_location")
+                    if had_location:
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+                    data.seek(offset)
+                    tensor.raw_data = data.read(length)
+
+
+def _materialize(model: onnx.ModelProto) -> None:
+    """Read every tensor that refers to another file into the model, for an inline write."""
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            data = read_tensor(tensor)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = np.ascontiguousarray(data).tobytes()
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _align(fh, to: int = 4096) -> int:
+    """Start each tensor on a page boundary (onnxruntime can then map it)."""
+    pos = fh.tell()
+    pad = (-pos) % to
+    if pad:
+        fh.write(b"\0" * pad)
+    return pos + pad
 
 
 def _write_serialized(model: onnx.ModelProto, path: str) -> None:
