@@ -52,6 +52,8 @@ class OutputComparison:
     atol: float = 0.0
     passed: bool = True
     worst_trial: str = ""
+    finite: int = 0  # reference values that were finite and so could be compared
+    total: int = 0
     mismatches: int = 0  # elements beyond atol + rtol·scale (integer outputs: elements that differ), all trials
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +158,19 @@ def verify_onnx(
                 rb = _run(sb, feeds, src_b.label, dist)
                 for name, a, b in zip(names_a, ra, rb):
                     _accumulate(comps, name, np.asarray(a), np.asarray(b), rtol, atol, dist)
+            for c in comps.values():
+                if c.total and c.finite == 0 and c.dtype.startswith(("float", "bfloat")):
+                    c.passed = False
+                    c.worst_trial = "no finite values to compare"
+                    result.notes.append(
+                        f"output '{c.name}' is non-finite everywhere ({prov}): nothing was compared; "
+                        "give realistic inputs (--inputs) or shapes"
+                    )
+                elif c.total and c.finite < c.total:
+                    result.notes.append(
+                        f"output '{c.name}': {100 * c.finite / c.total:.1f}% of values finite ({prov}); "
+                        "non-finite ones were required to match exactly"
+                    )
             result.outputs[prov] = list(comps.values())
     finally:
         src_a.close()
@@ -206,6 +221,8 @@ def _accumulate(
         return
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     finite = np.isfinite(a64) & np.isfinite(b64)
+    c.finite += int(np.count_nonzero(np.isfinite(a64)))
+    c.total += a64.size
     same_special = (~np.isfinite(a64)) & ((a64 == b64) | (np.isnan(a64) & np.isnan(b64)))
     if not np.all(finite | same_special):
         c.passed = False

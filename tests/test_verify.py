@@ -304,3 +304,12 @@ def test_sample_fp16_model_folds_and_passes() -> None:
     result = verify_onnx(path, folded, trials=3)
     (out,) = result.outputs["cpu"]
     assert result.passed and out.dtype == "float16" and out.rtol == 1e-2, str(result)
+
+
+def test_all_non_finite_output_is_not_a_pass() -> None:
+    """Two models that both output inf everywhere prove nothing: that is a failure, not a vacuous pass."""
+    nodes = [helper.make_node("Div", ["input", "zero"], ["output"], name="div")]
+    m = model(nodes, [("input", [2, 3])], [("output", [2, 3])], [init("zero", np.zeros(3, np.float32))])
+    result = verify_onnx(m, m, trials=1)
+    assert not result.passed
+    assert any("non-finite everywhere" in n for n in result.notes)
