@@ -15,7 +15,7 @@ from tests.builders import assert_equivalent, conv_bn_relu
 
 
 def external_model(tmp_path: Path) -> Path:
-    m = conv_bn_relu(np.random.default_rng(0), c_in=8, c_out=32)
+    m = conv_bn_relu(np.random.default_rng(0), c_in=64, c_out=64)  # a 144 KiB weight: spilled, not held
     p = tmp_path / "src" / "ext.onnx"
     p.parent.mkdir()
     onnx.save(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
@@ -59,3 +59,40 @@ def test_save_model_keeps_the_callers_model_whole(tmp_path: Path) -> None:
     save_model(m, tmp_path / "x.onnx", external_data=True)
     assert m.SerializeToString() == before
     assert (tmp_path / "x.onnx.data").exists()
+
+
+def test_streaming_fold_keeps_weights_on_disk(tmp_path: Path) -> None:
+    """load_data=False + a spill folder: no weight is held in memory, yet the written model is right."""
+    p = external_model(tmp_path)
+    model, external = load_model_and_layout(p, load_data=False)
+    assert external
+    assert all(not t.HasField("raw_data") for t in model.graph.initializer if t.name == "conv.w")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    folded, report = fold_onnx(model, spill_dir=spill)
+    assert report.folded == 1
+    w = next(t for t in folded.graph.initializer if t.name == "conv.w")
+    assert not w.HasField("raw_data") and (spill / "bnfold-folded-weights.bin").stat().st_size > 0
+    out = tmp_path / "streamed.onnx"
+    save_model(folded, out, external_data=True, keep_data=False)
+    assert_equivalent(onnx.load(p), onnx.load(out), np.random.default_rng(4))
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_verification_failure_on_external_data_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    import bnfold.onnx.layers as layers
+
+    real = layers.Planner._producer_conv
+
+    def wrong(self, node, affine):
+        plan = real(self, node, affine)
+        plan.params[1] = (plan.params[1] * np.float32(1.001)).astype(plan.params[1].dtype)
+        return plan
+
+    monkeypatch.setattr(layers.Planner, "_producer_conv", wrong)
+    p = external_model(tmp_path)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    result = CliRunner().invoke(main, [str(p), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert list(out.parent.iterdir()) == []
