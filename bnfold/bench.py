@@ -402,6 +402,14 @@ def _bench_level(src_a, src_b, prov, level, threads, batch, shapes, seed, repeat
                 if i >= warmup:
                     times[key].append(dt * 1e3)
                 tick(1)
+    except Exception as exc:  # onnxruntime's own failure at run time: one line, not a traceback
+        from bnfold.errors import InputError
+
+        if isinstance(exc, InputError):
+            raise
+        label = src_a.label if key == "a" else src_b.label
+        text = " ".join(str(exc).split())
+        raise InputError(f"{label}: onnxruntime failed on the benchmark inputs ({text[:300]})") from None
     finally:
         if gc_was_on:
             gc.enable()

@@ -203,3 +203,22 @@ def test_bench_on_cuda() -> None:
     result = bench_onnx(RESNET, provider="cuda", repeats=3, warmup=1)
     assert [r.provider for r in result.runs] == ["cuda", "cuda"]
     assert "— cuda" in str(result)
+
+
+def test_onnxruntime_failure_at_run_time_is_a_one_line_error(tmp_path: Path) -> None:
+    """A Reshape to a fixed size the fed shape cannot take: onnxruntime fails while running, not loading."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
+        [onnx.numpy_helper.from_array(np.array([7], np.int64), "shape")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "reshape.onnx"
+    onnx.save(m, path)
+    result = run(str(path), str(path), *FAST)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "onnxruntime failed on the benchmark inputs" in one_line_error(result.output)
