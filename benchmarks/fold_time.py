@@ -38,15 +38,18 @@ from sample_models import zoo  # noqa: E402
 LIMIT = 2.0
 
 
-def _time(fn: Callable[[], object], runs: int) -> list[float]:
-    fn()  # warm-up (page cache, imports, allocator)
-    times = []
+def _time_interleaved(a: Callable[[], object], b: Callable[[], object], runs: int) -> tuple[list[float], list[float]]:
+    """A B A B …: drift (page cache, allocator, a busy neighbour) hits both alike."""
+    a(), b()  # warm-up (page cache, imports, allocator)
+    times_a: list[float] = []
+    times_b: list[float] = []
     for _ in range(runs):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+        for fn, times in ((a, times_a), (b, times_b)):
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times_a, times_b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             onnx.save(folded, str(out))
             folded_counts.append(sum(c.status is Status.FOLDED for c in report.candidates))
 
-        base = _time(load_save, args.runs)
-        fold = _time(fold_save, args.runs)
+        base, fold = _time_interleaved(load_save, fold_save, args.runs)
         out_mb = out.stat().st_size / 1e6
 
     base_med, fold_med = statistics.median(base), statistics.median(fold)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         ("`onnx.load` + `onnx.save` (median)", f"{base_med:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in base)})"),
         ("`bnfold.fold_onnx(path)` + `onnx.save` (median)", f"{fold_med:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in fold)})"),
         ("ratio fold / (load+save)", f"{ratio:.2f}× ({'within' if ok else 'OVER'} the {LIMIT:g}× budget)"),
-        ("runs", f"{args.runs} timed after 1 warm-up, each measurement"),
+        ("runs", f"{args.runs} timed after 1 warm-up, each measurement, interleaved"),
         ("machine", f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.system()}; {versions}"),
         ("command", f"`{command}`"),
     ]

@@ -161,19 +161,25 @@ def _park_large_constants(graph: gs.Graph) -> dict[str, object]:
         nbytes = values.nbytes if hasattr(values, "nbytes") else 0
         if nbytes < PARK_BYTES:
             continue
-        proto = values.tensor if isinstance(values, LazyValues) else onnx.numpy_helper.from_array(np.asarray(values), tensor.name)
-        stand_in = onnx.TensorProto(name=tensor.name, data_type=proto.data_type, dims=list(proto.dims))
-        parked[tensor.name] = proto
-        tensor._values = LazyValues(stand_in)
+        if isinstance(values, LazyValues):
+            parked[tensor.name] = values.tensor
+            data_type, dims = values.tensor.data_type, list(values.tensor.dims)
+        else:
+            parked[tensor.name] = np.ascontiguousarray(values)
+            data_type, dims = onnx.helper.np_dtype_to_tensor_dtype(values.dtype), list(values.shape)
+        tensor._values = LazyValues(onnx.TensorProto(name=tensor.name, data_type=data_type, dims=dims))
     return parked
 
 
 def _unpark(graph: onnx.GraphProto, parked: dict[str, object]) -> None:
+    """Write each parked tensor into its stand-in's place: one copy, one tensor at a time."""
     for initializer in graph.initializer:
-        proto = parked.pop(initializer.name, None)
-        if proto is not None:
+        value = parked.pop(initializer.name, None)
+        if isinstance(value, np.ndarray):
+            initializer.raw_data = value.tobytes()  # little-endian, as ONNX stores raw data
+        elif value is not None:
             name = initializer.name
-            initializer.CopyFrom(proto)
+            initializer.CopyFrom(value)
             initializer.name = name
 
 

@@ -341,6 +341,7 @@ def _write_params(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
         if present and private:
             assert isinstance(old, gs.Constant)
             old.values = _as_tensor_proto(values, old.name, state.spill)
+            old.data_location = None  # the new value lives in memory (or the spill), not where the old one did
             state.modified.add(old.name)
             state.resolver.forget(old)
             continue
@@ -390,16 +391,15 @@ class Spill:
         self._fh.close()
 
 
-def _as_tensor_proto(values: np.ndarray, name: str, spill: Spill | None) -> gs.ir.tensor.LazyValues:
-    """Hold a folded value as the TensorProto it will be exported as, not as a second numpy copy.
+def _as_tensor_proto(values: np.ndarray, name: str, spill: Spill | None) -> np.ndarray | gs.ir.tensor.LazyValues:
+    """A folded value as the graph should hold it: in memory, or — with a spill file — on disk.
 
-    onnx-graphsurgeon exports a LazyValues' TensorProto as it is; a numpy value would be converted
-    at export time while the array is still alive — one more copy of every folded weight at the peak.
-    With a spill file, large values leave memory altogether.
+    In memory it stays a numpy array until `api._unpark` writes its bytes into the output model once;
+    with a spill file, large values leave memory altogether.
     """
     if spill is not None and values.nbytes >= Spill.MIN_BYTES:
         return gs.ir.tensor.LazyValues(spill.add(values, name))
-    return gs.ir.tensor.LazyValues(onnx.numpy_helper.from_array(np.ascontiguousarray(values), name))
+    return np.ascontiguousarray(values)  # large ones are written straight into the output (api._unpark)
 
 
 def _remove_dead(

@@ -100,9 +100,12 @@ class Planner:
         a = self.fit(affine, w.shape[0], node)
         if isinstance(a, SkipReason):
             return a
-        nw, nb = A.fold_into_conv(w, b, a)
         bias_dtype = b.dtype if b is not None else w.dtype
-        return self.round_all(LayerPlan(node), {1: (nw, w.dtype, "weight"), 2: (nb, bias_dtype, "bias")})
+        try:
+            nw, nb, flushed = A.fold_into_conv_rounded(w, b, a, w.dtype, bias_dtype, f"'{display(node)}'")
+        except FoldOverflowError as exc:
+            return SkipReason(Reason.FP16_OVERFLOW, str(exc))
+        return LayerPlan(node, params={1: nw, 2: nb}, flushed=flushed)
 
     def _producer_convtranspose(self, node: gs.Node, affine: Affine) -> LayerPlan | SkipReason:
         wb = self._weights(node, 2)
