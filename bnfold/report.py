@@ -35,6 +35,7 @@ class Reason(str, Enum):
     UNSUPPORTED = "unsupported"
     NO_RUNNING_STATS = "no-running-stats"
     MULTIPLE_CALL_SITES = "multiple-call-sites"
+    NEEDS_EXAMPLE_INPUTS = "needs-example-inputs"
 
 
 HINTS: dict[Reason, str] = {
@@ -50,6 +51,7 @@ HINTS: dict[Reason, str] = {
     Reason.UNSUPPORTED: "not supported by bnfold; please report it with the model",
     Reason.NO_RUNNING_STATS: "the BatchNorm tracks no running statistics; it normalises with batch statistics",
     Reason.MULTIPLE_CALL_SITES: "the module is called at several places; fold only where every call is the same pair",
+    Reason.NEEDS_EXAMPLE_INPUTS: "pass example_inputs so the traced shapes can prove the channel axis",
 }
 
 

@@ -153,7 +153,7 @@ def _pair(p: Pairing, bn_sites: list[int], graph: SiteGraph, by_name: dict[str, 
                 continue
             _refuse(
                 p,
-                Reason.SHAPE_MISMATCH,
+                Reason.NEEDS_EXAMPLE_INPUTS,
                 f"the rank of {prod.name}'s output is unknown, so {bn.name}'s axis 1 may not be its channel axis; "
                 "pass example_inputs so bnfold can check the traced shapes",
             )

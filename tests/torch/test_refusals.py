@@ -219,7 +219,7 @@ def test_linear_rank3_is_refused():
 
 def test_linear_without_inputs_is_refused():
     model = randomize_bn(Seq(nn.Linear(4, 5), nn.BatchNorm1d(5))).eval()
-    msg = _refused(model, torch.randn(3, 4), Reason.SHAPE_MISMATCH, with_inputs=False)
+    msg = _refused(model, torch.randn(3, 4), Reason.NEEDS_EXAMPLE_INPUTS, with_inputs=False)
     assert "example_inputs" in msg
 
 
