@@ -339,27 +339,10 @@ def _label(model: Any, default: str) -> str:
 
 
 def make_bench_session(source, provider: str, level: str, threads: int):
-    """`bnfold.sessions.make_session`, plus intra-op spinning off (see the module docstring)."""
-    import onnxruntime as ort
+    """`bnfold.sessions.make_session` with intra-op spinning off (see the module docstring)."""
+    from bnfold.sessions import make_session
 
-    from bnfold.errors import InputError
-    from bnfold.providers import assert_running_on, session_providers
-    from bnfold.sessions import LEVELS
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    try:
-        session = ort.InferenceSession(source.data, so, providers=session_providers(provider))
-    except Exception as exc:  # onnxruntime raises its own types for models it cannot run
-        text = " ".join(str(exc).split())
-        raise InputError(f"{source.label}: onnxruntime cannot load it ({text[:300]})") from None
-    assert_running_on(session, provider)
-    return session
+    return make_session(source, provider, level, threads, spinning=False)
 
 
 def _bench_level(src_a, src_b, prov, level, threads, batch, shapes, seed, repeats, warmup, creations,

@@ -56,9 +56,19 @@ def model_source(model: onnx.ModelProto | str | os.PathLike[str], label: str | N
     return ModelSource(label or "<memory>", path, tmp)
 
 
-def make_session(source: ModelSource, provider: str = "cpu", level: str = "disable_all", threads: int | None = None):
+def make_session(
+    source: ModelSource,
+    provider: str = "cpu",
+    level: str = "disable_all",
+    threads: int | None = None,
+    *,
+    spinning: bool = True,
+):
     """A session at the given optimisation level (`disable_all` unless told: onnxruntime fuses Conv+BN
-    itself at its basic level, so an optimised reference would compare the fold with itself)."""
+    itself at its basic level, so an optimised reference would compare the fold with itself).
+
+    ``spinning=False`` stops idle intra-op threads from busy-waiting: two sessions timed in one process
+    would otherwise take each other's cores (see `bnfold.bench`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -67,6 +77,9 @@ def make_session(source: ModelSource, provider: str = "cpu", level: str = "disab
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(source.data, so, providers=session_providers(provider))
     except Exception as exc:  # onnxruntime raises its own types for models it cannot run

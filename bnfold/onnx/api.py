@@ -188,16 +188,7 @@ def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     for field, _ in dst.ListFields():
         if field.name not in ("graph", "functions"):
             dst.ClearField(field.name)
-    for field, value in src.ListFields():
-        if field.name in ("graph", "functions"):
-            continue
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-        if repeated:
-            getattr(dst, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
+    io.copy_fields(src, dst, skip=("graph", "functions"))
 
 
 def _overridable_initializers(proto: onnx.ModelProto) -> set[str]:

@@ -105,6 +105,20 @@ def model_size(model: onnx.ModelProto) -> int:
         return PROTOBUF_LIMIT + 1
 
 
+def copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of one protobuf message into another, but those named in `skip`."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
 def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
     """The model with every larger main-graph initializer replaced by a typed graph input.
 
@@ -112,25 +126,9 @@ def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto
     axes), not the weights: on the skeleton they run in milliseconds and at any model size.
     """
     out = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-            if repeated:
-                getattr(out, field.name).extend(value)
-            elif field.message_type is not None:
-                getattr(out, field.name).CopyFrom(value)
-            else:
-                setattr(out, field.name, value)
+    copy_fields(model, out, skip=("graph",))
     src, g = model.graph, out.graph
-    for field, value in src.ListFields():
-        if field.name != "initializer":
-            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-            if repeated:
-                getattr(g, field.name).extend(value)
-            elif field.message_type is not None:
-                getattr(g, field.name).CopyFrom(value)
-            else:
-                setattr(g, field.name, value)
+    copy_fields(src, g, skip=("initializer",))
     listed = {i.name for i in src.input}
     for t in src.initializer:
         n = 1

@@ -63,6 +63,17 @@ class Planner:
         return plan
 
     @staticmethod
+    def with_bias_after(plan: LayerPlan, bias: np.ndarray, dtype: np.dtype) -> LayerPlan | SkipReason:
+        """MatMul has no bias input: a non-zero folded bias becomes an Add after it."""
+        if np.any(bias != 0):
+            try:
+                plan.bias_after, flushed = round_to_dtype(bias, dtype, f"bias of '{display(plan.node)}'")
+            except FoldOverflowError as exc:
+                return SkipReason(Reason.FP16_OVERFLOW, str(exc))
+            plan.flushed += flushed
+        return plan
+
+    @staticmethod
     def fit(affine: Affine, channels: int, node: gs.Node) -> Affine | SkipReason:
         """Broadcast a scalar-like map to `channels`, or refuse when the channel counts differ."""
         n = affine.scale.shape[0]
@@ -165,13 +176,7 @@ class Planner:
         plan = self.round_all(LayerPlan(node), {1: (nb, bm.dtype, "weight")})
         if isinstance(plan, SkipReason):
             return plan
-        if np.any(bias != 0):
-            try:
-                plan.bias_after, flushed = round_to_dtype(bias, bm.dtype, f"bias of '{display(node)}'")
-                plan.flushed += flushed
-            except FoldOverflowError as exc:
-                return SkipReason(Reason.FP16_OVERFLOW, str(exc))
-        return plan
+        return self.with_bias_after(plan, bias, bm.dtype)
 
     # ------------------------------------------------------------------------------------------
     # into the consumer
@@ -243,10 +248,4 @@ class Planner:
         plan = self.round_all(LayerPlan(node), {1: (nb, bm.dtype, "weight")})
         if isinstance(plan, SkipReason):
             return plan
-        if np.any(bias != 0):
-            try:
-                plan.bias_after, flushed = round_to_dtype(bias, bm.dtype, f"bias of '{display(node)}'")
-                plan.flushed += flushed
-            except FoldOverflowError as exc:
-                return SkipReason(Reason.FP16_OVERFLOW, str(exc))
-        return plan
+        return self.with_bias_after(plan, bias, bm.dtype)
