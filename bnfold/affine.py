@@ -255,7 +255,8 @@ def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
     out = best.astype(np.uint32).view(np.float32)
     # inf/nan and values beyond the largest finite bfloat16 keep float32 semantics.
     special = ~np.isfinite(x) | (np.abs(x) >= float(ml_dtypes.finfo(BFLOAT16).max) * (1 + 2**-9))
-    out = np.where(special, x.astype(np.float32), out)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32's range is inf, as asked
+        out = np.where(special, x.astype(np.float32), out)
     return out.astype(BFLOAT16)
 
 
@@ -284,7 +285,8 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype, what: str) -> tuple[np.n
             )
     tiny = out.dtype.type(finfo(dtype).tiny)
     magnitude = np.abs(out)
-    sub = (magnitude < tiny) & (magnitude > 0)
+    with np.errstate(invalid="ignore"):  # NaN compares false: never counted as subnormal
+        sub = (magnitude < tiny) & (magnitude > 0)
     flushed = int(np.count_nonzero(sub))
     if flushed:
         out = np.where(sub, np.zeros((), dtype), out).astype(dtype)

@@ -78,7 +78,7 @@ def check(
 
     entries = expand_paths(paths)
     n_models = sum(isinstance(e, str) for e in entries)
-    stderr = click.get_text_stream("stderr")
+    stderr = _stderr()
     if progress and n_models >= PROGRESS_MIN_MODELS and stderr.isatty():
         with click.progressbar(length=n_models, label="checking", file=stderr) as bar:
             result = check_paths(
@@ -89,3 +89,8 @@ def check(
         result = check_paths(paths, strict=strict, allow=allow, assume_constant=assume_constant, jobs=jobs, entries=entries)
     click.echo(render(result, fmt, verbose=verbose))
     sys.exit(result.exit_code)
+
+
+def _stderr():
+    """Where the progress bar goes (a function, so tests can stand in a terminal)."""
+    return sys.stderr

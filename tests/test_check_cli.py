@@ -151,7 +151,7 @@ def test_progress_bar_only_on_a_terminal_with_many_models(models: dict[str, Path
     folder = models["folded"].parent
     monkeypatch.setattr(check_cmd, "PROGRESS_MIN_MODELS", 2)
     tty = _Tty()
-    monkeypatch.setattr(check_cmd.click, "get_text_stream", lambda name, *a, **k: tty)
+    monkeypatch.setattr(check_cmd, "_stderr", lambda: tty)
     r = run(folder)
     assert r.exit_code == EXIT_CHECK_FAILED
     assert "checking" in tty.getvalue() and "checking" not in r.stdout
