@@ -95,6 +95,7 @@ def _fold_and_write(
         from bnfold.verify import verify_onnx
 
         checked.append(verify_onnx(model, written))
+        checked[-1].folded = str(target)  # the name it is about to get, not the temporary one
         if not checked[-1].passed:
             raise VerificationError("verification failed")
 
