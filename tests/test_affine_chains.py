@@ -132,3 +132,19 @@ def test_matmul_add_bias_alone_is_not_rewritten() -> None:
     m = model(nodes, [("input", [2, 5])], [("output", [2, 3])], [init("W", rng.standard_normal((5, 3)).astype(np.float32)), init("b", pc(rng, shape=(3,)))])
     out, report = fold_onnx(m)
     assert out.SerializeToString() == m.SerializeToString() and not report.candidates
+
+
+def test_constant_that_broadcasts_the_data_up_is_not_folded() -> None:
+    """[N, 1, H, W] · [1, C, 1, 1] → [N, C, H, W]: the Mul creates channels, it does not scale them."""
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+        helper.make_node("Mul", ["c", "k"], ["m"], name="expand_mul"),
+        helper.make_node("Conv", ["m", "w2"], ["output"], name="conv2"),
+    ]
+    inits = [init("w", rng.standard_normal((1, 3, 1, 1)).astype(np.float32)), init("k", pc(rng)),
+             init("w2", rng.standard_normal((2, C, 1, 1)).astype(np.float32))]
+    m = model(nodes, [("input", [1, 3, 5, 5])], [("output", [1, 2, 5, 5])], inits)
+    out, report = fold_onnx(m)
+    assert op_types(out) == ["Conv", "Mul", "Conv"]
+    assert out.SerializeToString() == m.SerializeToString()

@@ -10,6 +10,7 @@ right-aligned against the data's rank, is 1 on every axis but axis 1: a ``[C]`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -77,7 +78,10 @@ def batchnorm_step(node: gs.Node, resolver: ConstantResolver) -> AffineStep | Sk
 
 
 def elementwise_step(
-    node: gs.Node, resolver: ConstantResolver, rank_of: "callable[[gs.Tensor], int | None]"
+    node: gs.Node,
+    resolver: ConstantResolver,
+    rank_of: Callable[[gs.Tensor], int | None],
+    shape_of: Callable[[gs.Tensor], list[int | None] | None] | None = None,
 ) -> AffineStep | None:
     """Mul/Add/Sub/Div by a per-channel constant as an affine step; None when it is anything else."""
     if node.op not in ELEMENTWISE or len(node.inputs) != 2 or len(node.outputs) != 1:
@@ -93,6 +97,10 @@ def elementwise_step(
     vec = per_channel_vector(np.asarray(const), rank_of(data))
     if vec is None:
         return None
+    if vec.size > 1:  # [N, 1, H, W] · [1, C, 1, 1] broadcasts the data up to C channels: not a map on x's channels
+        shape = shape_of(data) if shape_of is not None else None
+        if not shape or len(shape) < 2 or shape[1] != vec.size:
+            return None
     c = as_f64(vec)
     if node.op == "Mul":
         return AffineStep(node, Affine(c, np.zeros_like(c)), data)

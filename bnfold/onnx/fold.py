@@ -101,7 +101,7 @@ def _step(node: gs.Node, state: PassState) -> AffineStep | SkipReason | None:
     if node.op == "BatchNormalization" and (node.domain or "") in ("", "ai.onnx"):
         return batchnorm_step(node, state.resolver)
     if (node.domain or "") in ("", "ai.onnx"):
-        return elementwise_step(node, state.resolver, state.rank_of)
+        return elementwise_step(node, state.resolver, state.rank_of, state.static_shape)
     return None
 
 
@@ -113,7 +113,7 @@ def _grow_chain(
     x = seed.data
     while x.inputs and len(x.outputs) == 1 and not is_graph_output(x, graph):
         prev = x.inputs[0]
-        if id(prev) in seen:
+        if id(prev) in seen or id(prev) not in own:  # never grow into an outer graph
             break
         step = _step(prev, state)
         if not isinstance(step, AffineStep) or len(prev.outputs) != 1:
