@@ -50,7 +50,12 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch":  # the ONNX-only install: say how to get the PyTorch front-end
+            raise ImportError(f"bnfold.{name} needs PyTorch: pip install 'bnfold[torch]'") from exc
+        raise
 
 
 def __dir__() -> list[str]:

@@ -128,3 +128,22 @@ def test_wheel_has_no_top_level_cli_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert not any(n.startswith("cli/") for n in names)
     assert "bnfold/cli/__init__.py" in names and "bnfold/cli/fold_cmd.py" in names
+
+
+def test_torch_front_end_without_torch_says_what_to_install(monkeypatch) -> None:
+    import importlib
+    import sys
+
+    import bnfold
+
+    real = importlib.import_module
+
+    def no_torch(name, *a, **k):
+        if name.startswith("bnfold.torch"):
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_torch)
+    with pytest.raises(ImportError, match=r"pip install 'bnfold\[torch\]'"):
+        bnfold.fold_torch  # noqa: B018
+    assert "bnfold" in sys.modules
