@@ -96,3 +96,12 @@ def test_verification_failure_on_external_data_writes_nothing(tmp_path: Path, mo
     result = CliRunner().invoke(main, [str(p), "-o", str(out)])
     assert result.exit_code == 1, result.output
     assert list(out.parent.iterdir()) == []
+
+
+def test_check_reads_an_external_data_model_without_loading_it(tmp_path: Path) -> None:
+    from bnfold import check_onnx
+
+    p = external_model(tmp_path)
+    report = check_onnx(p)
+    assert report.foldable == 1 and report.source == str(p)
+    assert sorted(x.name for x in p.parent.iterdir()) == ["ext.onnx", "weights.bin"]  # nothing written beside it
