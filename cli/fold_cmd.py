@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -56,54 +55,31 @@ def fold(
     The fold is verified against the original with onnxruntime on CPU before anything is written; on a
     mismatch nothing is written and the exit code is 1.
     """
-    from bnfold.errors import UsageError
-    from bnfold.onnx.api import default_output_path
-    from bnfold.onnx.io import check_writable, load_model_and_layout
+    from bnfold.errors import UsageError, VerificationError
+    from bnfold.onnx.api import default_output_path, fold_file
 
     target = _output_path(model, output, in_place, default_output_path, UsageError)
-    # External tensors stay on disk (read when folded, streamed when written): memory stays near the
-    # size of what the fold changes, whatever the model's size.
-    original, had_external = load_model_and_layout(model, load_data=False)
-    check_writable(target)
-    external = {"always": True, "never": False}.get(external_data)
-    if external is None:
-        external = had_external or None  # None: inline unless over 2 GB
-    if not had_external:
-        _fold_and_write(model, original, target, external, None, assume_constant, verify, as_json, quiet)
-        return
-    # Folded weights of a model kept in external data go to a spill file beside the output, then are
-    # streamed into the output's data file: memory stays bounded whatever the model's size.
-    with tempfile.TemporaryDirectory(prefix=".bnfold-spill-", dir=target.parent) as spill:
-        _fold_and_write(model, original, target, external, spill, assume_constant, verify, as_json, quiet)
-
-
-def _fold_and_write(
-    model: Path, original, target: Path, external: bool | None, spill: str | None,
-    assume_constant: bool, verify: bool, as_json: bool, quiet: bool,
-) -> None:
-    """Fold, write through a temporary file, verify that file, rename; exits with the code."""
-    from bnfold.errors import VerificationError
-    from bnfold.onnx.api import fold_onnx
-    from bnfold.onnx.io import save_model
-
-    folded, report = fold_onnx(original, assume_constant=assume_constant, spill_dir=spill)
-    report.source = str(model)
     checked: list = []
+    reports: list = []
 
-    def verify_before_commit(written: str) -> None:
-        """Compare the written files with the input, before they are renamed into place."""
+    def verify_before_commit(written: str, report) -> None:
+        """Compare the written file with the input before it is renamed into place."""
         from bnfold.verify import verify_onnx
 
+        reports.append(report)
+        if not (verify and report.folded):
+            return
         checked.append(verify_onnx(model, written))
         checked[-1].folded = str(target)  # the name it is about to get, not the temporary one
         if not checked[-1].passed:
             raise VerificationError("verification failed")
 
-    hook = verify_before_commit if verify and report.folded else None
+    external = {"always": True, "never": False}.get(external_data)  # None: as the input had it
     try:
-        save_model(folded, target, external_data=external, keep_data=False, before_commit=hook)
+        report = fold_file(model, target, assume_constant=assume_constant, external_data=external,
+                           before_commit=verify_before_commit)
     except VerificationError:
-        _emit(report, checked[-1], as_json, quiet=False, written=None)
+        _emit(reports[-1], checked[-1], as_json, quiet=False, written=None)
         click.echo(f"bnfold: verification failed; nothing written to {target}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
     _emit(report, checked[-1] if checked else None, as_json, quiet, written=target)

@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper
 
-import bnfold.onnx.api as api
 from bnfold import fold_onnx, verify_onnx
 from bnfold.cli import main
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, ProviderUnavailableError
@@ -52,14 +51,22 @@ def test_corrupted_fold_is_caught_with_exit_1(tmp_path: Path) -> None:
     assert "MISMATCH" in result.output
 
 
+def corrupt_conv_plans(monkeypatch, rel: float = 1e-3) -> None:
+    """Make every Conv fold write its weight off by `rel` (relative): a wrong fold, as a bug would make."""
+    import bnfold.onnx.layers as layers
+
+    real = layers.Planner._producer_conv
+
+    def wrong(self, node, affine):
+        plan = real(self, node, affine)
+        plan.params[1] = (plan.params[1] * np.float32(1 + rel)).astype(plan.params[1].dtype)
+        return plan
+
+    monkeypatch.setattr(layers.Planner, "_producer_conv", wrong)
+
+
 def test_fold_writes_nothing_when_verification_fails(tmp_path: Path, monkeypatch) -> None:
-    real = api._fold
-
-    def corrupting(proto, assume_constant):
-        out, state = real(proto, assume_constant)
-        return corrupt(out), state
-
-    monkeypatch.setattr(api, "_fold", corrupting)
+    corrupt_conv_plans(monkeypatch)
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(main, [str(RESNET), "-o", str(out)])
     assert result.exit_code == EXIT_CHECK_FAILED, result.output
@@ -68,8 +75,7 @@ def test_fold_writes_nothing_when_verification_fails(tmp_path: Path, monkeypatch
 
 
 def test_no_verify_skips_the_check(tmp_path: Path, monkeypatch) -> None:
-    real = api._fold
-    monkeypatch.setattr(api, "_fold", lambda p, a: (lambda r: (corrupt(r[0]), r[1]))(real(p, a)))
+    corrupt_conv_plans(monkeypatch)
     result = CliRunner().invoke(main, [str(RESNET), "-o", str(tmp_path / "o.onnx"), "--no-verify"])
     assert result.exit_code == EXIT_OK and (tmp_path / "o.onnx").exists()
 

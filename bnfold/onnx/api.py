@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -39,13 +40,61 @@ def fold_onnx(
     ``model``: a path or an in-memory ``ModelProto`` (never mutated). ``assume_constant``: treat
     initializers that are also graph inputs (IR ≥ 4) as constants. ``spill_dir``: write folded weights
     to a file there instead of keeping them in memory; the result then refers to that file and must be
-    written with `bnfold.onnx.io.save_model` before the folder goes (the CLI does this for large models).
+    written with `bnfold.onnx.io.save_model` before the folder goes (`fold_file` does all this).
     Returns the folded model and the report.
     """
+    return _fold_model(model, assume_constant=assume_constant, dry_run=dry_run, spill_dir=spill_dir)
+
+
+def fold_file(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    assume_constant: bool = False,
+    external_data: bool | None = None,
+    before_commit: Callable[[str, FoldReport], None] | None = None,
+) -> FoldReport:
+    """Fold a model file into another file, in bounded memory, atomically. What `bnfold fold` runs.
+
+    Weights kept in external data are read one at a time and folded ones spill beside the target;
+    folded weights of an inline model are written from numpy straight into the file, never copied into
+    a second protobuf. ``external_data``: None keeps the input's layout (external when over 2 GB).
+    ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place (the
+    command verifies there); if it raises, nothing is written.
+    """
+    from contextlib import nullcontext
+
+    original, had_external = io.load_model_and_layout(source, load_data=False)
+    target_path = io.check_writable(target)
+    external = (had_external or None) if external_data is None else external_data
+    pending: dict[str, np.ndarray] = {}
+    spill_ctx = tempfile.TemporaryDirectory(prefix=".bnfold-spill-", dir=target_path.parent) if had_external else nullcontext(None)
+    with spill_ctx as spill:
+        folded, report = _fold_model(
+            original, assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source)
+        )
+        hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
+        io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook, pending=pending)
+    return report
+
+
+def _fold_model(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    *,
+    assume_constant: bool = False,
+    dry_run: bool = False,
+    spill_dir: str | os.PathLike[str] | None = None,
+    pending: dict[str, np.ndarray] | None = None,
+    source: str | None = None,
+) -> tuple[onnx.ModelProto, FoldReport]:
+    """`fold_onnx`; with ``pending``, folded weights stay numpy arrays in it (by initializer name) and the
+    returned model holds data-less stand-ins for them, for `io.save_model(..., pending=...)` to write."""
     start = time.perf_counter()
-    source, proto = _load(model)
+    label, proto = _load(model)
+    source = source or label
     report = FoldReport(source=source, dry_run=dry_run)
-    folded, state = _fold(proto, assume_constant, spill_dir) if spill_dir is not None else _fold(proto, assume_constant)
+    extra = {"spill_dir": spill_dir, "pending": pending} if spill_dir is not None or pending is not None else {}
+    folded, state = _fold(proto, assume_constant, **extra)
     report.candidates = state.candidates if state else []
     report.notes = list(state.notes) if state else []
     report.nodes_before = count_nodes(proto.graph) + sum(len(f.node) for f in proto.functions)
@@ -120,7 +169,10 @@ def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[str, onnx.Mo
 
 
 def _fold(
-    proto: onnx.ModelProto, assume_constant: bool, spill_dir: str | os.PathLike[str] | None = None
+    proto: onnx.ModelProto,
+    assume_constant: bool,
+    spill_dir: str | os.PathLike[str] | None = None,
+    pending: dict[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, PassState]:
     """Import into onnx-graphsurgeon, fold, export, and restore what the export does not carry."""
     overridable = _overridable_initializers(proto)
@@ -145,7 +197,7 @@ def _fold(
     graph.toposort()
     parked = _park_large_constants(graph)
     out = gs.export_onnx(graph, do_type_check=False)
-    _unpark(out.graph, parked)
+    _unpark(out.graph, parked, pending)
     functions = list(out.functions) or list(proto.functions)
     _copy_model_fields(proto, out)  # the exported graph is used as it is: no second copy of the weights
     del out.functions[:]
@@ -185,12 +237,19 @@ def _park_large_constants(graph: gs.Graph) -> dict[str, object]:
     return parked
 
 
-def _unpark(graph: onnx.GraphProto, parked: dict[str, object]) -> None:
-    """Write each parked tensor into its stand-in's place: one copy, one tensor at a time."""
+def _unpark(graph: onnx.GraphProto, parked: dict[str, object], pending: dict[str, np.ndarray] | None = None) -> None:
+    """Write each parked tensor into its stand-in's place: one copy, one tensor at a time.
+
+    With ``pending``, numpy values are handed over there instead (the stand-in stays data-less) for the
+    writer to stream into the file without any protobuf copy.
+    """
     for initializer in graph.initializer:
         value = parked.pop(initializer.name, None)
         if isinstance(value, np.ndarray):
-            initializer.raw_data = value.tobytes()  # little-endian, as ONNX stores raw data
+            if pending is not None:
+                pending[initializer.name] = value
+            else:
+                initializer.raw_data = value.tobytes()  # little-endian, as ONNX stores raw data
         elif value is not None:
             name = initializer.name
             initializer.CopyFrom(value)

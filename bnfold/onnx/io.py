@@ -119,6 +119,14 @@ def copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
             setattr(dst, field.name, value)
 
 
+def _has_inline_data(t: onnx.TensorProto, n: int) -> bool:
+    """False for external references and for the data-less stand-ins of `api.fold_file`."""
+    if onnx.external_data_helper.uses_external_data(t):
+        return False
+    fields = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+    return n == 0 or any(len(getattr(t, f)) for f in fields)
+
+
 def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
     """The model with every larger main-graph initializer replaced by a typed graph input.
 
@@ -134,7 +142,7 @@ def skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto
         n = 1
         for d in t.dims:
             n *= d
-        if n <= keep_elements and not onnx.external_data_helper.uses_external_data(t):
+        if n <= keep_elements and _has_inline_data(t, n):
             g.initializer.append(t)
         elif t.name not in listed:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -200,6 +208,7 @@ def save_model(
     overwrite_ok: bool = True,
     keep_data: bool = True,
     before_commit: Callable[[str], None] | None = None,
+    pending: dict[str, np.ndarray] | None = None,
 ) -> list[Path]:
     """Write atomically: into a temporary folder next to `path`, then rename into place.
 
@@ -207,12 +216,14 @@ def save_model(
     ``<name>.data`` beside the model. Writing external data empties the tensors of `model`; with
     ``keep_data`` (the default) they are read back so the caller's model stays whole. Tensors that are
     references to another file (`load_model_and_layout(load_data=False)`) are streamed into the new data
-    file. ``before_commit(tmp_path)`` runs on the written files before they are renamed into place (the
+    file. ``pending`` holds the values of data-less stand-in initializers (see `api.fold_file`), written
+    straight from numpy. ``before_commit(tmp_path)`` runs on the written files before they are renamed into place (the
     fold command verifies there): if it raises, nothing is written. Returns the paths written (model last).
     """
     target = check_writable(path, overwrite_ok=overwrite_ok)
     parent = target.parent
-    too_big = model_size(model) > PROTOBUF_LIMIT
+    pending = pending or {}
+    too_big = model_size(model) + sum(a.nbytes for a in pending.values()) > PROTOBUF_LIMIT
     if external_data is None:
         external_data = too_big
     elif not external_data and too_big:
@@ -227,10 +238,13 @@ def save_model(
         tmp_model = os.path.join(tmpdir, target.name)
         try:
             if external_data:
-                _write_with_external_data(model, tmp_model, data_name, keep_data=keep_data, before=before_commit)
+                _write_with_external_data(model, tmp_model, data_name, keep_data=keep_data, before=before_commit, pending=pending)
             else:
                 _materialize(model)
-                _write_serialized(model, tmp_model)
+                if pending:
+                    _write_streaming(model, tmp_model, pending)
+                else:
+                    _write_serialized(model, tmp_model)
                 if before_commit is not None:
                     before_commit(tmp_model)
         except (OSError, ValueError) as exc:
@@ -250,7 +264,13 @@ COPY_CHUNK = 64 << 20
 
 
 def _write_with_external_data(
-    model: onnx.ModelProto, tmp_model: str, data_name: str, *, keep_data: bool, before: Callable[[str], None] | None
+    model: onnx.ModelProto,
+    tmp_model: str,
+    data_name: str,
+    *,
+    keep_data: bool,
+    before: Callable[[str], None] | None,
+    pending: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Tensors of 1 KiB or more go to `data_name` beside `tmp_model`; the model itself is left as it was.
 
@@ -262,7 +282,12 @@ def _write_with_external_data(
     data_path = os.path.join(os.path.dirname(tmp_model), data_name)
     with open(data_path, "wb") as out:
         for tensor in ext._get_all_tensors(model):
-            if ext.uses_external_data(tensor):
+            if pending and _is_stand_in(tensor, pending):
+                offset = _align(out)
+                out.write(memoryview(np.ascontiguousarray(pending[tensor.name])).cast("B"))
+                _point_to(tensor, data_name, offset, out.tell() - offset)
+                restore.append((tensor, None, offset, out.tell() - offset, False))
+            elif ext.uses_external_data(tensor):
                 info = ext.ExternalDataInfo(tensor)
                 offset = _align(out)
                 with open(info.location, "rb") as src:
@@ -317,6 +342,84 @@ def _materialize(model: onnx.ModelProto) -> None:
             del tensor.external_data[:]
             tensor.ClearField("data_location")
             tensor.raw_data = np.ascontiguousarray(data).tobytes()
+
+
+def _is_stand_in(tensor: onnx.TensorProto, pending: dict[str, np.ndarray]) -> bool:
+    """A data-less initializer whose value waits in `pending`."""
+    return (
+        tensor.name in pending
+        and not tensor.HasField("raw_data")
+        and not onnx.external_data_helper.uses_external_data(tensor)
+    )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _split_fields(message, number: int, cls):
+    """Two new messages of type `cls`: the fields of `message` numbered below and above `number`."""
+    low, high = cls(), cls()
+    for field, value in message.ListFields():
+        if field.number == number:
+            continue
+        target = low if field.number < number else high
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+    return low, high
+
+
+# Protobuf tags (field number << 3 | length-delimited) of the fields the streaming writer emits itself.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _tag(number: int) -> bytes:
+    return _varint(number << 3 | 2)
+
+
+def _write_streaming(model: onnx.ModelProto, path: str, pending: dict[str, np.ndarray]) -> None:
+    """Serialise `model` with its stand-ins' values written straight from numpy.
+
+    Emits the same bytes as `SerializeToString` would for the model with those values filled in
+    (fields in field-number order, the graph and each pending tensor's raw data spliced in at their
+    place), without ever holding a second copy of the weights. A test compares the two byte for byte.
+    """
+    pre, post = _split_fields(model, _MODEL_GRAPH, onnx.ModelProto)
+    gpre, gpost = _split_fields(model.graph, _GRAPH_INITIALIZER, onnx.GraphProto)
+    pieces: list[bytes | memoryview] = []
+    for tensor in model.graph.initializer:
+        if _is_stand_in(tensor, pending):
+            head, tail = _split_fields(tensor, _TENSOR_RAW_DATA, onnx.TensorProto)
+            data = memoryview(np.ascontiguousarray(pending[tensor.name])).cast("B")
+            head_b, tail_b = head.SerializeToString(), tail.SerializeToString()
+            raw = _tag(_TENSOR_RAW_DATA) + _varint(len(data))
+            body = len(head_b) + len(raw) + len(data) + len(tail_b)
+            pieces += [_tag(_GRAPH_INITIALIZER) + _varint(body), head_b, raw, data, tail_b]
+        else:
+            tb = tensor.SerializeToString()
+            pieces += [_tag(_GRAPH_INITIALIZER) + _varint(len(tb)), tb]
+    gpre_b, gpost_b = gpre.SerializeToString(), gpost.SerializeToString()
+    graph_len = len(gpre_b) + sum(len(p) for p in pieces) + len(gpost_b)
+    with open(path, "wb") as fh:
+        fh.write(pre.SerializeToString())
+        fh.write(_tag(_MODEL_GRAPH) + _varint(graph_len))
+        fh.write(gpre_b)
+        for piece in pieces:
+            fh.write(piece)
+        fh.write(gpost_b)
+        fh.write(post.SerializeToString())
 
 
 def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
