@@ -19,6 +19,7 @@ __all__ = [
     "Status",
     "check_onnx",
     "export_onnx",
+    "fold_file",
     "fold_onnx",
     "fold_torch",
     "verify_onnx",
@@ -31,6 +32,7 @@ _LAZY: dict[str, str] = {
     "Reason": "bnfold.report",
     "Status": "bnfold.report",
     "fold_onnx": "bnfold.onnx.api",
+    "fold_file": "bnfold.onnx.api",
     "check_onnx": "bnfold.onnx.api",
     "verify_onnx": "bnfold.verify",
     "fold_torch": "bnfold.torch",
@@ -39,7 +41,7 @@ _LAZY: dict[str, str] = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from bnfold.errors import BnfoldError
-    from bnfold.onnx.api import check_onnx, fold_onnx
+    from bnfold.onnx.api import check_onnx, fold_file, fold_onnx
     from bnfold.report import Candidate, FoldReport, Reason, Status
     from bnfold.torch import fold_torch
     from bnfold.torch.export import export_onnx
