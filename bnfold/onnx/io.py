@@ -105,10 +105,10 @@ def model_size(model: onnx.ModelProto) -> int:
         return PROTOBUF_LIMIT + 1
 
 
-def copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
-    """Copy every set field of one protobuf message into another, but those named in `skip`."""
+def copy_fields(src, dst, skip: tuple[str, ...] = (), where: Callable[[object], bool] | None = None) -> None:
+    """Copy every set field of one protobuf message into another, but those named in `skip` (or not `where`)."""
     for field, value in src.ListFields():
-        if field.name in skip:
+        if field.name in skip or (where is not None and not where(field)):
             continue
         repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
         if repeated:
@@ -367,17 +367,8 @@ def _varint(n: int) -> bytes:
 def _split_fields(message, number: int, cls):
     """Two new messages of type `cls`: the fields of `message` numbered below and above `number`."""
     low, high = cls(), cls()
-    for field, value in message.ListFields():
-        if field.number == number:
-            continue
-        target = low if field.number < number else high
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-        if repeated:
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
+    copy_fields(message, low, where=lambda f: f.number < number)
+    copy_fields(message, high, where=lambda f: f.number > number)
     return low, high
 
 

@@ -13,15 +13,13 @@ import pytest
 from onnx import helper, version_converter
 
 from bnfold import fold_onnx
-from bnfold.report import Reason, Status
+from bnfold.report import Reason
 from tests.onnx.helpers import (
     BF16,
     F16,
     F32,
     F64,
     assert_equivalent,
-    assert_valid,
-    bn_inits,
     bn_stats,
     conv_bn,
     fold_and_verify,

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import fold_onnx
 from tests.onnx.helpers import (
     F32,
     bn_inits,

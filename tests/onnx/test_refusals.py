@@ -23,7 +23,6 @@ from tests.onnx.helpers import (
     init,
     initializers,
     make_model,
-    op_types,
     rand,
 )
 
