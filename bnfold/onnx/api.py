@@ -25,7 +25,6 @@ from bnfold.onnx.constants import ConstantResolver
 from bnfold.onnx.fold import PassState, Spill, fold_graph
 from bnfold.report import FoldReport, Status
 
-ModelLike = "onnx.ModelProto | str | os.PathLike[str]"
 
 
 def fold_onnx(
@@ -203,7 +202,7 @@ def _fold(
     del out.functions[:]
     out.functions.extend(functions)
     _restore_graph_inputs(proto, out, overridable, state.modified)
-    _keep_value_info_order(proto, out)
+    _keep_source_value_info(proto, out)
     _restore_doc_strings(proto, out)
     return out, state
 
@@ -318,7 +317,7 @@ def _restore_doc_strings(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
                 n.metadata_props.extend(original.metadata_props)
 
 
-def _keep_value_info_order(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
+def _keep_source_value_info(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
     """Keep only the value_info the source had (for tensors that still exist): no invented annotations."""
     keep = {v.name for v in src.graph.value_info}
     remaining = [v for v in out.graph.value_info if v.name in keep]
