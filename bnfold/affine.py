@@ -55,10 +55,6 @@ class Affine:
         """The map ``other ∘ self``: apply self first, then other."""
         return Affine(other.scale * self.scale, other.scale * self.shift + other.shift, self.notes + other.notes)
 
-    @staticmethod
-    def identity(channels: int) -> "Affine":
-        return Affine(np.ones(channels, F64), np.zeros(channels, F64))
-
 
 def as_f64(values: np.ndarray) -> np.ndarray:
     """The stored values as a new float64 array (bfloat16 and float16 widen exactly)."""

@@ -24,12 +24,12 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def corrupt(m: onnx.ModelProto, rel: float = 1e-3) -> onnx.ModelProto:
-    """Perturb the first folded conv weight by `rel` (relative)."""
+    """Perturb the first folded conv weight by `rel` (relative), keeping its dtype."""
     bad = onnx.ModelProto()
     bad.CopyFrom(m)
     t = next(t for t in bad.graph.initializer if len(t.dims) == 4)
-    w = onnx.numpy_helper.to_array(t) * np.float32(1 + rel)
-    t.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), t.name))
+    w = onnx.numpy_helper.to_array(t)
+    t.CopyFrom(onnx.numpy_helper.from_array((w * (1 + rel)).astype(w.dtype), t.name))
     return bad
 
 
@@ -94,15 +94,7 @@ def test_fp16_fold_passes_with_fp16_tolerance() -> None:
     (out,) = result.outputs["cpu"]
     assert out.dtype == "float16" and out.rtol == 1e-2
     assert result.passed, str(result)
-    assert not verify_onnx(m16, corrupt_fp16(folded, 0.05)).passed
-
-
-def corrupt_fp16(m: onnx.ModelProto, rel: float) -> onnx.ModelProto:
-    bad = onnx.ModelProto()
-    bad.CopyFrom(m)
-    t = next(t for t in bad.graph.initializer if len(t.dims) == 4)
-    t.CopyFrom(onnx.numpy_helper.from_array((onnx.numpy_helper.to_array(t) * (1 + rel)).astype(np.float16), t.name))
-    return bad
+    assert not verify_onnx(m16, corrupt(folded, 0.05)).passed
 
 
 def symbolic_model() -> onnx.ModelProto:
@@ -112,12 +104,17 @@ def symbolic_model() -> onnx.ModelProto:
                  [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)])
 
 
-def test_symbolic_dims_and_shape_option(tmp_path: Path) -> None:
+def symbolic_files(tmp_path: Path) -> tuple[Path, Path]:
+    """The symbolic-dimension model and its fold, as files."""
     m = symbolic_model()
-    folded, _ = fold_onnx(m)
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(m, a)
-    onnx.save(folded, b)
+    onnx.save(fold_onnx(m)[0], b)
+    return a, b
+
+
+def test_symbolic_dims_and_shape_option(tmp_path: Path) -> None:
+    a, b = symbolic_files(tmp_path)
     assert verify_onnx(a, b).outputs["cpu"][0].shape == [1, 4, 1, 1]  # symbolic dims take 1
     result = CliRunner().invoke(main, ["verify", str(a), str(b), "--shape", "input:2x3x5x7", "--json"])
     assert result.exit_code == EXIT_OK, result.output
@@ -128,11 +125,7 @@ def test_symbolic_dims_and_shape_option(tmp_path: Path) -> None:
 
 
 def test_npz_inputs(tmp_path: Path) -> None:
-    m = symbolic_model()
-    folded, _ = fold_onnx(m)
-    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    onnx.save(m, a)
-    onnx.save(folded, b)
+    a, b = symbolic_files(tmp_path)
     npz = tmp_path / "in.npz"
     np.savez(npz, input=np.random.default_rng(0).standard_normal((3, 3, 4, 4)).astype(np.float32))
     result = verify_onnx(a, b, inputs=npz)

@@ -70,7 +70,7 @@ def fold_file(
     spill_ctx = tempfile.TemporaryDirectory(prefix=".bnfold-spill-", dir=target_path.parent) if had_external else nullcontext(None)
     with spill_ctx as spill:
         folded, report = _fold_model(
-            original, assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source)
+            original, assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True
         )
         hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
         io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook, pending=pending)
@@ -85,11 +85,13 @@ def _fold_model(
     spill_dir: str | os.PathLike[str] | None = None,
     pending: dict[str, np.ndarray] | None = None,
     source: str | None = None,
+    checked: bool = False,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """`fold_onnx`; with ``pending``, folded weights stay numpy arrays in it (by initializer name) and the
-    returned model holds data-less stand-ins for them, for `io.save_model(..., pending=...)` to write."""
+    returned model holds data-less stand-ins for them, for `io.save_model(..., pending=...)` to write.
+    ``checked``: the model was just loaded (and checked) by `io.load_model_and_layout`: skip the precondition."""
     start = time.perf_counter()
-    label, proto = _load(model)
+    label, proto = _load(model, check=not checked)
     source = source or label
     report = FoldReport(source=source, dry_run=dry_run)
     extra = {"spill_dir": spill_dir, "pending": pending} if spill_dir is not None or pending is not None else {}
@@ -150,17 +152,18 @@ def check_onnx(
         proto, external = io.load_model_and_layout(model, load_data=False)
         if external:
             with tempfile.TemporaryDirectory(prefix="bnfold-check-") as spill:
-                report = fold_onnx(proto, assume_constant=assume_constant, dry_run=True, spill_dir=spill)[1]
+                report = _fold_model(proto, assume_constant=assume_constant, dry_run=True, spill_dir=spill,
+                                     source=str(model), checked=True)[1]
         else:
-            report = fold_onnx(proto, assume_constant=assume_constant, dry_run=True)[1]
-        report.source = str(model)
+            report = _fold_model(proto, assume_constant=assume_constant, dry_run=True, source=str(model), checked=True)[1]
         return report
     return fold_onnx(model, assume_constant=assume_constant, dry_run=True)[1]
 
 
-def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[str, onnx.ModelProto]:
+def _load(model: onnx.ModelProto | str | os.PathLike[str], check: bool = True) -> tuple[str, onnx.ModelProto]:
     if isinstance(model, onnx.ModelProto):
-        io.check_model(model, what="model")
+        if check:
+            io.check_model(model, what="model")
         return "<memory>", model
     if isinstance(model, (str, os.PathLike)):
         return str(model), io.load_model(model)

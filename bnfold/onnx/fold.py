@@ -292,14 +292,8 @@ def _apply_producer(graph: gs.Graph, plan: LayerPlan, steps: list[AffineStep], y
     _write_params(graph, plan, state)
     last = steps[-1].node
     last.outputs.clear()
-    if plan.bias_after is not None:
-        mid = gs.Variable(state.unique(f"{producer.outputs[0].name}_matmul"), dtype=y.dtype, shape=y.shape)
-        producer.outputs = [mid]
-        bias = gs.Constant(state.unique(f"{display(producer)}.bias"), plan.bias_after)
-        add = gs.Node("Add", name=state.unique(f"{display(producer)}_bias_add"), inputs=[mid, bias], outputs=[y])
-        graph.nodes.append(add)
-    else:
-        producer.outputs = [y]
+    producer.outputs = [y]
+    _add_bias_after(graph, plan, state)
     _remove_dead(graph, [s.node for s in steps], state)
 
 
@@ -317,14 +311,19 @@ def _apply_consumer(
     _write_params(graph, plan, state)
     reader = flatten if flatten is not None else consumer
     reader.inputs[0] = x
-    if plan.bias_after is not None:
-        out = consumer.outputs[0]
-        mid = gs.Variable(state.unique(f"{out.name}_matmul"), dtype=out.dtype, shape=out.shape)
-        consumer.outputs = [mid]
-        bias = gs.Constant(state.unique(f"{display(consumer)}.bias"), plan.bias_after)
-        add = gs.Node("Add", name=state.unique(f"{display(consumer)}_bias_add"), inputs=[mid, bias], outputs=[out])
-        graph.nodes.append(add)
+    _add_bias_after(graph, plan, state)
     _remove_dead(graph, [s.node for s in steps], state)
+
+
+def _add_bias_after(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
+    """MatMul has no bias input: route its output through an Add of the folded bias (the tensor keeps its name)."""
+    if plan.bias_after is None:
+        return
+    node, out = plan.node, plan.node.outputs[0]
+    mid = gs.Variable(state.unique(f"{out.name}_matmul"), dtype=out.dtype, shape=out.shape)
+    node.outputs = [mid]
+    bias = gs.Constant(state.unique(f"{display(node)}.bias"), plan.bias_after)
+    graph.nodes.append(gs.Node("Add", name=state.unique(f"{display(node)}_bias_add"), inputs=[mid, bias], outputs=[out]))
 
 
 def _write_params(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
@@ -340,14 +339,14 @@ def _write_params(graph: gs.Graph, plan: LayerPlan, state: PassState) -> None:
         private = isinstance(old, gs.Constant) and len(old.outputs) == 1
         if present and private:
             assert isinstance(old, gs.Constant)
-            old.values = _as_tensor_proto(values, old.name, state.spill)
+            old.values = _held_value(values, old.name, state.spill)
             old.data_location = None  # the new value lives in memory (or the spill), not where the old one did
             state.modified.add(old.name)
             state.resolver.forget(old)
             continue
         base = old.name if present and old.name else f"{display(node)}.{'bias' if index == 2 else 'param'}"
         new_name = state.unique(f"{base}_folded" if present else base)
-        new = gs.Constant(new_name, _as_tensor_proto(values, new_name, state.spill))
+        new = gs.Constant(new_name, _held_value(values, new_name, state.spill))
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
         if index < len(node.inputs):
@@ -391,7 +390,7 @@ class Spill:
         self._fh.close()
 
 
-def _as_tensor_proto(values: np.ndarray, name: str, spill: Spill | None) -> np.ndarray | gs.ir.tensor.LazyValues:
+def _held_value(values: np.ndarray, name: str, spill: Spill | None) -> np.ndarray | gs.ir.tensor.LazyValues:
     """A folded value as the graph should hold it: in memory, or — with a spill file — on disk.
 
     In memory it stays a numpy array until `api._unpark` writes its bytes into the output model once;
