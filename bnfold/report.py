@@ -79,6 +79,7 @@ class Candidate:
     graph: str = ""  # subgraph / function path, "" for the main graph
     allowed: bool = False  # accepted knowingly (check --allow)
     bn_count: int | None = None  # BatchNorms in the chain; None: 1 if op_type is a BatchNorm
+    rule: str | None = None  # the fold rule that folded it ("conv", "flatten-head"; docs/rules.md)
 
     @property
     def is_batchnorm(self) -> bool:
@@ -90,7 +91,8 @@ class Candidate:
         if self.status in (Status.FOLDED, Status.FOLDABLE):
             verb = "folded" if self.status is Status.FOLDED else "foldable"
             side = "producer" if self.direction == "into-producer" else "consumer"
-            return f"{verb}: {where}{chain} into {side} {self.target_op} {self.target}"
+            by = f" (rule {self.rule})" if self.rule else ""
+            return f"{verb}: {where}{chain} into {side} {self.target_op} {self.target}{by}"
         why = "; ".join(f"[{r.code.value}] {r.message}" for r in self.reasons) or "no reason recorded"
         return f"left: {where}{chain} ({self.op_type}) — {why}"
 
@@ -103,6 +105,7 @@ class Candidate:
             "target": self.target,
             "target_op": self.target_op,
             "direction": self.direction,
+            "rule": self.rule,
             "graph": self.graph,
             "allowed": self.allowed,
             "batchnorms": FoldReport._bn_count(self),

@@ -80,16 +80,16 @@ def test_streaming_fold_keeps_weights_on_disk(tmp_path: Path) -> None:
 
 
 def test_verification_failure_on_external_data_writes_nothing(tmp_path: Path, monkeypatch) -> None:
-    import bnfold.onnx.layers as layers
+    from bnfold.onnx.rules.conv import ConvIntoProducer
 
-    real = layers.Planner._producer_conv
+    real = ConvIntoProducer.values
 
-    def wrong(self, node, affine):
-        plan = real(self, node, affine)
+    def wrong(self, node, affine, ctx):
+        plan = real(self, node, affine, ctx)
         plan.params[1] = (plan.params[1] * np.float32(1.001)).astype(plan.params[1].dtype)
         return plan
 
-    monkeypatch.setattr(layers.Planner, "_producer_conv", wrong)
+    monkeypatch.setattr(ConvIntoProducer, "values", wrong)
     p = external_model(tmp_path)
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()

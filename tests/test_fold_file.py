@@ -24,7 +24,7 @@ def test_streamed_bytes_equal_the_materialised_model(tmp_path: Path, small_park)
     m = conv_bn_relu(np.random.default_rng(0))
     m.doc_string = "kept"
     pending: dict[str, np.ndarray] = {}
-    stand_ins, _ = api._fold_model(m, pending=pending)
+    stand_ins, _ = api._fold_model(m, api.FoldOptions(pending=pending))
     assert pending and all(not t.HasField("raw_data") for t in stand_ins.graph.initializer if t.name in pending)
     materialised, _ = api.fold_onnx(m)
     io._write_streaming(stand_ins, str(tmp_path / "s.onnx"), pending)

@@ -53,16 +53,16 @@ def test_corrupted_fold_is_caught_with_exit_1(tmp_path: Path) -> None:
 
 def corrupt_conv_plans(monkeypatch, rel: float = 1e-3) -> None:
     """Make every Conv fold write its weight off by `rel` (relative): a wrong fold, as a bug would make."""
-    import bnfold.onnx.layers as layers
+    from bnfold.onnx.rules.conv import ConvIntoProducer
 
-    real = layers.Planner._producer_conv
+    real = ConvIntoProducer.values
 
-    def wrong(self, node, affine):
-        plan = real(self, node, affine)
+    def wrong(self, node, affine, ctx):
+        plan = real(self, node, affine, ctx)
         plan.params[1] = (plan.params[1] * np.float32(1 + rel)).astype(plan.params[1].dtype)
         return plan
 
-    monkeypatch.setattr(layers.Planner, "_producer_conv", wrong)
+    monkeypatch.setattr(ConvIntoProducer, "values", wrong)
 
 
 def test_fold_writes_nothing_when_verification_fails(tmp_path: Path, monkeypatch) -> None:

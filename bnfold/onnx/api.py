@@ -2,8 +2,9 @@
 
 Precondition: the model passes `onnx.checker`. Postcondition: the folded model passes the full checker
 (with strict shape inference). A model in which nothing folds is returned as it came, so running
-bnfold on its own output changes nothing, byte for byte. `check_onnx` runs exactly the same pass on
-an in-memory copy and reports FOLDED as FOLDABLE: the check and the fold can never disagree.
+bnfold on its own output changes nothing, byte for byte. Both entry points build the same plan
+(`plan.py`); `check_onnx` stops there and reports its folds as FOLDABLE, `fold_onnx` applies it: the
+check and the fold can never disagree.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +24,30 @@ from onnx import helper
 from bnfold.errors import BnfoldError, InputError
 from bnfold.onnx import io
 from bnfold.onnx.constants import ConstantResolver
-from bnfold.onnx.fold import PassState, Spill, fold_graph
-from bnfold.report import FoldReport, Status
+from bnfold.onnx.fold import GraphEdit, Spill
+from bnfold.onnx.plan import Plan, apply_plan, plan_model
+from bnfold.report import FoldReport
 
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """How one run of the pass behaves (one object instead of a keyword flag per mode).
+
+    ``assume_constant``: treat initializers that are also graph inputs (IR ≥ 4) as constants.
+    ``dry_run``: stop at the plan (check): no rewrite, no export, no postcondition, no file of any kind.
+    ``spill_dir``: a folder for the spill file of folded weights (bounded memory for external data).
+    ``pending``: folded weights stay numpy arrays in this dict (by initializer name) and the returned
+    model holds data-less stand-ins, for `io.save_model(..., pending=...)` to write.
+    ``source``: the name the report gives the model. ``checked``: the model was just loaded (and
+    checked) by `io.load_model_and_layout`, so the precondition is not run again.
+    """
+
+    assume_constant: bool = False
+    dry_run: bool = False
+    spill_dir: str | os.PathLike[str] | None = None
+    pending: dict[str, np.ndarray] | None = None
+    source: str | None = None
+    checked: bool = False
 
 
 def fold_onnx(
@@ -42,7 +65,7 @@ def fold_onnx(
     written with `bnfold.onnx.io.save_model` before the folder goes (`fold_file` does all this).
     Returns the folded model and the report.
     """
-    return _fold_model(model, assume_constant=assume_constant, dry_run=dry_run, spill_dir=spill_dir)
+    return _fold_model(model, FoldOptions(assume_constant=assume_constant, dry_run=dry_run, spill_dir=spill_dir))
 
 
 def fold_file(
@@ -69,50 +92,38 @@ def fold_file(
     pending: dict[str, np.ndarray] = {}
     spill_ctx = tempfile.TemporaryDirectory(prefix=".bnfold-spill-", dir=target_path.parent) if had_external else nullcontext(None)
     with spill_ctx as spill:
-        folded, report = _fold_model(
-            original, assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True
-        )
+        options = FoldOptions(assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True)
+        folded, report = _fold_model(original, options)
         hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
         io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook, pending=pending)
     return report
 
 
 def _fold_model(
-    model: onnx.ModelProto | str | os.PathLike[str],
-    *,
-    assume_constant: bool = False,
-    dry_run: bool = False,
-    spill_dir: str | os.PathLike[str] | None = None,
-    pending: dict[str, np.ndarray] | None = None,
-    source: str | None = None,
-    checked: bool = False,
+    model: onnx.ModelProto | str | os.PathLike[str], options: FoldOptions = FoldOptions()
 ) -> tuple[onnx.ModelProto, FoldReport]:
-    """`fold_onnx`; with ``pending``, folded weights stay numpy arrays in it (by initializer name) and the
-    returned model holds data-less stand-ins for them, for `io.save_model(..., pending=...)` to write.
-    ``checked``: the model was just loaded (and checked) by `io.load_model_and_layout`: skip the precondition."""
+    """Plan the folds; unless this is a dry run, apply them and check the result (the postcondition).
+
+    A dry run returns the input model unchanged with every planned fold reported FOLDABLE; nodes_after
+    then counts the rehearsed graph (parameters are only counted on a model that was written).
+    """
     start = time.perf_counter()
-    label, proto = _load(model, check=not checked)
-    source = source or label
-    report = FoldReport(source=source, dry_run=dry_run)
-    extra = {"spill_dir": spill_dir, "pending": pending} if spill_dir is not None or pending is not None else {}
-    folded, state = _fold(proto, assume_constant, **extra)
-    report.candidates = state.candidates if state else []
-    report.notes = list(state.notes) if state else []
+    label, proto = _load(model, check=not options.checked)
+    source = options.source or label
+    report = FoldReport(source=source, dry_run=options.dry_run)
+    folded, plan = _fold(proto, options)
+    report.candidates = plan.candidates
+    report.notes = list(plan.notes)
     report.nodes_before = count_nodes(proto.graph) + sum(len(f.node) for f in proto.functions)
     report.params_before = count_params(proto)
-    changed = any(c.status is Status.FOLDED for c in report.candidates)
-    if not changed:
-        folded = proto
-    else:
+    if folded is not proto:
         _postcondition(proto, folded, source, report)
-    report.nodes_after = count_nodes(folded.graph) + sum(len(f.node) for f in folded.functions)
-    report.params_after = count_params(folded)
-    if dry_run:
-        for c in report.candidates:
-            if c.status is Status.FOLDED:
-                c.status = Status.FOLDABLE
-        folded = proto
-    if proto.ir_version < 4 and changed:
+    if plan.folds and options.dry_run:
+        report.nodes_after, report.params_after = plan.nodes_after, report.params_before
+    else:
+        report.nodes_after = count_nodes(folded.graph) + sum(len(f.node) for f in folded.functions)
+        report.params_after = count_params(folded)
+    if proto.ir_version < 4 and plan.folds:
         report.notes.append(
             f"IR version {proto.ir_version}: initializers listed as graph inputs were treated as constants "
             "(that version of the spec requires the listing); folded BatchNorm parameters were dropped from the inputs"
@@ -143,21 +154,16 @@ def _postcondition(original: onnx.ModelProto, folded: onnx.ModelProto, source: s
 def check_onnx(
     model: onnx.ModelProto | str | os.PathLike[str], *, assume_constant: bool = False
 ) -> FoldReport:
-    """A dry run of the fold: which BatchNorms could be folded, and why the others cannot. Writes nothing.
+    """Which BatchNorms could be folded, and why the others cannot: the fold's own plan, never applied.
 
-    A model file with external data is not read into memory: its weights are read one at a time and the
-    folded ones go to a temporary spill file, so a CI gate can check models of any size.
+    Writes nothing, not even a temporary file. A model file with external data is not read into
+    memory: its weights are read one at a time, as the plan needs them.
     """
     if isinstance(model, (str, os.PathLike)):
-        proto, external = io.load_model_and_layout(model, load_data=False)
-        if external:
-            with tempfile.TemporaryDirectory(prefix="bnfold-check-") as spill:
-                report = _fold_model(proto, assume_constant=assume_constant, dry_run=True, spill_dir=spill,
-                                     source=str(model), checked=True)[1]
-        else:
-            report = _fold_model(proto, assume_constant=assume_constant, dry_run=True, source=str(model), checked=True)[1]
-        return report
-    return fold_onnx(model, assume_constant=assume_constant, dry_run=True)[1]
+        proto, _ = io.load_model_and_layout(model, load_data=False)
+        options = FoldOptions(assume_constant=assume_constant, dry_run=True, source=str(model), checked=True)
+        return _fold_model(proto, options)[1]
+    return _fold_model(model, FoldOptions(assume_constant=assume_constant, dry_run=True))[1]
 
 
 def _load(model: onnx.ModelProto | str | os.PathLike[str], check: bool = True) -> tuple[str, onnx.ModelProto]:
@@ -170,44 +176,40 @@ def _load(model: onnx.ModelProto | str | os.PathLike[str], check: bool = True) -
     raise InputError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
 
 
-def _fold(
-    proto: onnx.ModelProto,
-    assume_constant: bool,
-    spill_dir: str | os.PathLike[str] | None = None,
-    pending: dict[str, np.ndarray] | None = None,
-) -> tuple[onnx.ModelProto, PassState]:
-    """Import into onnx-graphsurgeon, fold, export, and restore what the export does not carry."""
+def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto, Plan]:
+    """Import into onnx-graphsurgeon and plan; unless a dry run, apply the plan, export, and restore
+    what the export does not carry. Returns ``proto`` itself when nothing is (to be) rewritten."""
     overridable = _overridable_initializers(proto)
-    treat_as_constant = assume_constant or proto.ir_version < 4
+    treat_as_constant = options.assume_constant or proto.ir_version < 4
     shapes = infer_shapes(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
     graph = gs.import_onnx(proto)
     resolver = ConstantResolver(overridable, treat_as_constant, shapes, opset)
     names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
-    state = PassState(resolver, shapes, names)
-    if spill_dir is not None:
-        state.spill = Spill(os.path.join(os.fspath(spill_dir), "bnfold-folded-weights.bin"))
+    spill = None
+    if options.spill_dir is not None and not options.dry_run:
+        spill = Spill(os.path.join(os.fspath(options.spill_dir), "bnfold-folded-weights.bin"))
     try:
-        fold_graph(graph, state)
-        for function in getattr(graph, "functions", []):
-            fold_graph(function, state, f"function {function.domain}.{function.name}")
+        plan = plan_model(graph, resolver, shapes, names, spill)
+        if options.dry_run or not plan.folds:
+            return proto, plan
+        edit = GraphEdit(graph, names, spill=spill)
+        apply_plan(plan, edit)
     finally:
-        if state.spill is not None:
-            state.spill.close()
-    if not any(c.status is Status.FOLDED for c in state.candidates):
-        return proto, state
+        if spill is not None:
+            spill.close()
     graph.toposort()
     parked = _park_large_constants(graph)
     out = gs.export_onnx(graph, do_type_check=False)
-    _unpark(out.graph, parked, pending)
+    _unpark(out.graph, parked, options.pending)
     functions = list(out.functions) or list(proto.functions)
     _copy_model_fields(proto, out)  # the exported graph is used as it is: no second copy of the weights
     del out.functions[:]
     out.functions.extend(functions)
-    _restore_graph_inputs(proto, out, overridable, state.modified)
+    _restore_graph_inputs(proto, out, overridable, edit.modified)
     _keep_source_value_info(proto, out)
     _restore_doc_strings(proto, out)
-    return out, state
+    return out, plan
 
 
 PARK_BYTES = 1 << 20

@@ -1,0 +1,234 @@
+"""The folding pass as a plan: which chains fold, by which rule, into what, with which values.
+
+For each per-channel affine chain (`chain.py`) in topological order, the registered rules
+(`rules/registry.py`) are tried in order; the first that plans a fold wins, and every refusal on the
+way is kept as a reason. `check` stops at the plan; `fold` applies it (`apply_plan`) and then checks
+the result.
+
+**Why a rehearsal.** Today's decisions depend on the folds made before them: a BN → Conv → BN pair
+composes (the second fold reads the weights the first wrote), a fold into a producer hands it the
+chain's output tensor (so a later chain sees that layer, not the BatchNorm, as its producer), a MatMul
+fold adds a bias Add, and a fold removes nodes a later chain would otherwise reach. Re-deriving all of
+that from an overlay of "claimed" nodes would be a second, subtly different model of the graph. Instead
+each planned fold is applied, by the rule's own `apply`, to a scratch copy of the graph's structure
+(`scratch.py`: weights shared, never written), so every later decision reads exactly the graph it read
+when folds were applied one by one — identical decisions by construction. The plan then refers to the
+*original* graph's nodes, and `apply_plan` replays the same edits there. The graph handed to
+`plan_model` is never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from bnfold.onnx.chain import AffineStep, display
+from bnfold.onnx.constants import ConstantResolver
+from bnfold.onnx.fold import GraphEdit, Spill
+from bnfold.onnx.rules.base import Chain, Fold, PlanContext, Refusal, Rule
+from bnfold.onnx.rules.registry import rules
+from bnfold.onnx.scratch import ScratchCopy
+from bnfold.report import Candidate, Reason, SkipReason, Status
+
+
+@dataclass
+class PlannedFold:
+    """A fold of the plan, on the graph (main graph, subgraph or function body) it rewrites."""
+
+    graph: gs.Graph
+    fold: Fold
+    candidate: Candidate
+
+
+@dataclass
+class Plan:
+    """Every candidate with its outcome, and the folds to apply, in the order they must be applied."""
+
+    candidates: list[Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    folds: list[PlannedFold] = field(default_factory=list)
+    flushed: int = 0
+    nodes_after: int = 0  # nodes of the rehearsed graphs: what the fold would leave
+
+
+def plan_model(
+    graph: gs.Graph,
+    resolver: ConstantResolver,
+    shapes: dict[str, tuple[list[int | None], int]],
+    names: set[str],
+    spill: Spill | None = None,
+) -> Plan:
+    """Plan the main graph (and its subgraphs), then each local function. `graph` is left as it was.
+
+    ``names``: the names in use (the rehearsal takes new ones from a copy, the apply from this set, in
+    the same order). ``spill``: large folded values are written there as they are planned, so a fold of
+    a model with external data holds none of them in memory; without it (check) they stay in the plan.
+    """
+    plan = Plan()
+    rehearsal = set(names)
+    scratches: list[ScratchCopy] = []  # kept until the end: the resolver memoises by object identity
+    parts = [(graph, "")] + [(f, f"function {f.domain}.{f.name}") for f in getattr(graph, "functions", [])]
+    for part, path in parts:
+        scratch = ScratchCopy(part)
+        scratches.append(scratch)
+        ctx = PlanContext(scratch.graph, resolver, shapes)
+        edit = GraphEdit(scratch.graph, rehearsal, spill=spill, forget=resolver.forget)
+        first = len(plan.folds)
+        _plan_graph(ctx, edit, plan, path)
+        for planned in plan.folds[first:]:
+            planned.graph = scratch.original(planned.graph)
+            planned.fold = _translated(planned.fold, scratch.original)
+        plan.nodes_after += _count_nodes(scratch.graph)
+    return plan
+
+
+def apply_plan(plan: Plan, edit: GraphEdit) -> None:
+    """Make the planned folds on the real graph, in order; each candidate becomes FOLDED."""
+    for planned in plan.folds:
+        planned.fold.rule.apply(planned.fold, edit.for_graph(planned.graph))
+        planned.candidate.status = Status.FOLDED
+
+
+# ---------------------------------------------------------------------------------------------
+# planning one graph
+# ---------------------------------------------------------------------------------------------
+def _plan_graph(ctx: PlanContext, edit: GraphEdit, plan: Plan, path: str) -> None:
+    """Plan every chain of `ctx.graph` in node order, then recurse into subgraphs (If/Loop/Scan bodies)."""
+    graph = ctx.graph
+    seen: set[int] = set()
+    own = {id(n) for n in graph.nodes}  # by identity: gs compares nodes by value, which is slow
+    for node in list(graph.nodes):
+        if id(node) in seen or not node.outputs:  # already in a chain, or removed by a fold
+            continue
+        seed = ctx.affine_step(node)
+        if seed is None:
+            continue
+        if isinstance(seed, SkipReason):  # a BatchNorm that is not an affine map at all
+            seen.add(id(node))
+            plan.candidates.append(
+                Candidate(display(node), node.op, Status.SKIPPED, [display(node)], reasons=[seed], graph=path)
+            )
+            continue
+        steps = _grow_chain(seed, ctx, seen, own)
+        seen.update(id(s.node) for s in steps)
+        _plan_chain(Chain.of(steps), ctx, edit, plan, path)
+    for node in list(graph.nodes):
+        for key, value in node.attrs.items():
+            if isinstance(value, gs.Graph):
+                sub = f"{path}/{display(node)}.{key}".lstrip("/")
+                _plan_graph(ctx.for_graph(value), edit.for_graph(value), plan, sub)
+
+
+def _grow_chain(seed: AffineStep, ctx: PlanContext, seen: set[int], own: set[int]) -> list[AffineStep]:
+    """Extend both ways through tensors that have exactly one consumer and are not graph outputs."""
+    steps = [seed]
+    x = seed.data
+    while x.inputs and len(x.outputs) == 1 and not ctx.is_output(x):
+        prev = x.inputs[0]
+        if id(prev) in seen or id(prev) not in own:  # never grow into an outer graph
+            break
+        step = ctx.affine_step(prev)
+        if not isinstance(step, AffineStep) or len(prev.outputs) != 1:
+            break
+        steps.insert(0, step)
+        x = step.data
+    while True:
+        y = steps[-1].node.outputs[0]
+        if len(y.outputs) != 1 or ctx.is_output(y):
+            break
+        nxt = y.outputs[0]
+        if id(nxt) in seen or id(nxt) not in own:
+            break
+        step = ctx.affine_step(nxt)
+        if not isinstance(step, AffineStep) or step.data is not y:
+            break
+        steps.append(step)
+    return steps
+
+
+def _plan_chain(chain: Chain, ctx: PlanContext, edit: GraphEdit, plan: Plan, path: str) -> None:
+    """Ask each rule in turn; the first fold wins and is rehearsed. Every refusal is caught here, once."""
+    bns = chain.batchnorms
+    head = bns[0] if bns else chain.steps[0].node
+    cand = Candidate(display(head), head.op, Status.SKIPPED, [display(n) for n in chain.nodes], graph=path, bn_count=len(bns))
+    reasons: list[SkipReason] = []
+    for rule in rules():
+        try:
+            site = rule.match(chain, ctx)
+            if site is None:
+                continue
+            fold = rule.plan(chain, site, ctx)
+        except Refusal as refusal:
+            if refusal.reason not in reasons:  # two rules may see the same obstacle (a shared output)
+                reasons.append(refusal.reason)
+            continue
+        if not rule.worthwhile(fold):
+            return
+        rule.apply(fold, edit)  # the rehearsal: later decisions see this fold
+        _record(cand, fold, rule, plan, path)
+        plan.folds.append(PlannedFold(ctx.graph, fold, cand))
+        return
+    if not bns:
+        return  # a Mul/Add that stays is not worth a line in the report
+    if not reasons:
+        x = chain.x
+        reasons = [
+            SkipReason(
+                Reason.NO_LINEAR_NEIGHBOUR,
+                f"'{display(head)}' has no Conv/ConvTranspose/Gemm/MatMul before it or after it"
+                + (f" (fed by {x.inputs[0].op} '{display(x.inputs[0])}')" if x.inputs else f" (fed by input '{x.name}')"),
+            )
+        ]
+    cand.reasons = reasons
+    plan.candidates.append(cand)
+
+
+def _record(cand: Candidate, fold: Fold, rule: Rule, plan: Plan, path: str) -> None:
+    """The candidate as foldable, named after its rule; read after the rehearsal, as the report always was."""
+    cand.status = Status.FOLDABLE
+    cand.target = display(fold.site.target)
+    cand.target_op = fold.site.target.op
+    cand.direction = rule.direction
+    cand.rule = rule.name
+    plan.candidates.append(cand)
+    plan.notes.extend(fold.chain.affine.notes)
+    for layer in fold.layers:
+        if layer.flushed:
+            plan.notes.append(f"{display(layer.node)}: {layer.flushed} folded value(s) became subnormal and were flushed to zero")
+    plan.flushed += fold.flushed
+
+
+# ---------------------------------------------------------------------------------------------
+# from the scratch copy back to the original
+# ---------------------------------------------------------------------------------------------
+def _translated(obj: Any, original: Callable[[Any], Any]) -> Any:
+    """`obj` with every node, tensor and graph it refers to replaced by the original's (any dataclass nesting).
+
+    A fold may only refer to what existed before planning; one that refers to something an earlier
+    rehearsed fold created cannot be replayed, and that is a bug in its rule.
+    """
+    if isinstance(obj, (gs.Node, gs.Tensor, gs.Graph)):
+        try:
+            return original(obj)
+        except KeyError:
+            raise AssertionError(f"a planned fold refers to {obj.name!r}, which only its rehearsal created") from None
+    if isinstance(obj, (Rule, np.ndarray)):
+        return obj
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: _translated(getattr(obj, f.name), original) for f in fields(obj) if f.init})
+    if isinstance(obj, list):
+        return [_translated(v, original) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_translated(v, original) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _translated(v, original) for k, v in obj.items()}
+    return obj
+
+
+def _count_nodes(graph: gs.Graph) -> int:
+    return len(graph.nodes) + sum(
+        _count_nodes(v) for n in graph.nodes for v in n.attrs.values() if isinstance(v, gs.Graph)
+    )
