@@ -1,1 +1,1 @@
-"""The ONNX front-end: load, find, fold (via onnx-graphsurgeon), save. Never imports torch."""
+"""The ONNX front-end: load, plan (one rule per pattern, `rules/`), apply via onnx-graphsurgeon, save. Never imports torch."""

@@ -104,8 +104,8 @@ def _fold_model(
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Plan the folds; unless this is a dry run, apply them and check the result (the postcondition).
 
-    A dry run returns the input model unchanged with every planned fold reported FOLDABLE; nodes_after
-    then counts the rehearsed graph (parameters are only counted on a model that was written).
+    A dry run returns the input model unchanged with every planned fold reported FOLDABLE; its
+    nodes_after and params_after are counted on the plan's rehearsal of the folds.
     """
     start = time.perf_counter()
     label, proto = _load(model, check=not options.checked)
@@ -119,7 +119,7 @@ def _fold_model(
     if folded is not proto:
         _postcondition(proto, folded, source, report)
     if plan.folds and options.dry_run:
-        report.nodes_after, report.params_after = plan.nodes_after, report.params_before
+        report.nodes_after, report.params_after = plan.nodes_after, report.params_before + plan.params_change
     else:
         report.nodes_after = count_nodes(folded.graph) + sum(len(f.node) for f in folded.functions)
         report.params_after = count_params(folded)

@@ -52,6 +52,7 @@ class Plan:
     folds: list[PlannedFold] = field(default_factory=list)
     flushed: int = 0
     nodes_after: int = 0  # nodes of the rehearsed graphs: what the fold would leave
+    params_change: int = 0  # parameter elements the folds add (negative: remove), counted on the rehearsal
 
 
 def plan_model(
@@ -74,6 +75,7 @@ def plan_model(
     for part, path in parts:
         scratch = ScratchCopy(part)
         scratches.append(scratch)
+        params_before = _count_params(scratch.graph)
         ctx = PlanContext(scratch.graph, resolver, shapes)
         edit = GraphEdit(scratch.graph, rehearsal, spill=spill, forget=resolver.forget)
         first = len(plan.folds)
@@ -82,6 +84,7 @@ def plan_model(
             planned.graph = scratch.original(planned.graph)
             planned.fold = _translated(planned.fold, scratch.original)
         plan.nodes_after += _count_nodes(scratch.graph)
+        plan.params_change += _count_params(scratch.graph) - params_before
     return plan
 
 
@@ -228,7 +231,22 @@ def _translated(obj: Any, original: Callable[[Any], Any]) -> Any:
     return obj
 
 
+def _subgraphs(graph: gs.Graph):
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield value
+
+
 def _count_nodes(graph: gs.Graph) -> int:
-    return len(graph.nodes) + sum(
-        _count_nodes(v) for n in graph.nodes for v in n.attrs.values() if isinstance(v, gs.Graph)
-    )
+    return len(graph.nodes) + sum(_count_nodes(g) for g in _subgraphs(graph))
+
+
+def _count_params(graph: gs.Graph) -> int:
+    """Elements of the constants the graph's nodes read, and of its Constant nodes, subgraphs included."""
+    seen: dict[int, int] = {}
+    for node in graph.nodes:
+        for tensor in [*node.inputs, *node.attrs.values()]:
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen[id(tensor)] = int(np.prod(tensor.shape, dtype=np.int64))
+    return sum(seen.values()) + sum(_count_params(g) for g in _subgraphs(graph))
