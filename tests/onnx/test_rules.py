@@ -219,3 +219,44 @@ def test_check_counts_what_fold_would_leave_from_the_plan(build) -> None:
     m = build()
     dry, done = check_onnx(m), fold_onnx(m)[1]
     assert (dry.nodes_after, dry.params_after) == (done.nodes_after, done.params_after)
+
+
+def test_a_multi_layer_site_maps_back_to_the_original_graph() -> None:
+    """A rule over several layers (a Concat of producers, a re-parameterised block) names them in a Site
+    subclass; the plan maps every node and tensor in it, however nested, back to the real graph."""
+    from dataclasses import dataclass, field
+
+    from bnfold.onnx.scratch import ScratchCopy
+
+    @dataclass
+    class Branches(Site):
+        branches: list[gs.Node] = field(default_factory=list)
+        shared_input: gs.Tensor | None = None
+
+    graph = gs.import_onnx(bn_conv_bn_head(np.random.default_rng(8)))
+    scratch = ScratchCopy(graph)
+    conv, flatten = scratch.graph.nodes[1], scratch.graph.nodes[3]
+    site = Branches(conv, branches=[conv, flatten], shared_input=conv.inputs[0])
+    back = plan_module._translated(site, scratch.original)
+    assert back.target is graph.nodes[1] and back.branches[1] is graph.nodes[3]
+    assert back.shared_input is graph.nodes[1].inputs[0] and isinstance(back, Branches)
+    created = gs.Node("Add", name="made_by_a_rehearsal")
+    with pytest.raises(AssertionError, match="made_by_a_rehearsal"):
+        plan_module._translated(Site(created), scratch.original)
+
+
+@pytest.mark.parametrize("build", [zoo.resnet_tiny, zoo.expand_castlike_bias, zoo.conv_bn_two_consumers])
+def test_scratch_copy_mirrors_every_list_the_planner_reads(build) -> None:
+    from bnfold.onnx.scratch import ScratchCopy
+
+    graph = gs.import_onnx(build())
+    scratch = ScratchCopy(graph)
+    assert [id(scratch.original(n)) for n in scratch.graph.nodes] == [id(n) for n in graph.nodes]
+    for name, copy in scratch.graph.tensors().items():
+        original = scratch.original(copy)
+        assert original.name == name and copy is not original
+        for side in ("inputs", "outputs"):
+            assert [id(scratch.original(n)) for n in getattr(copy, side)] == [id(n) for n in getattr(original, side)]
+    for node in scratch.graph.nodes:
+        for side in ("inputs", "outputs"):
+            assert [id(scratch.original(t)) for t in getattr(node, side)] == [id(t) for t in getattr(scratch.original(node), side)]

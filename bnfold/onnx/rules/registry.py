@@ -2,7 +2,8 @@
 
 Adding a rule is adding a module (and its test): nothing here names it. The order is the rules'
 ``priority`` (then module name, then position in ``RULES``), so it does not depend on file-system
-listing order. (name, direction) must be unique: it is what the report calls the fold.
+listing order. (name, direction) must be unique: it is what the report calls the fold. The direction
+is one of the two the `bnfold check --format json` schema knows (its findings enumerate them).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pkgutil
 from functools import lru_cache
 from pathlib import Path
 
-from bnfold.onnx.rules.base import Rule
+from bnfold.onnx.rules.base import INTO_CONSUMER, INTO_PRODUCER, Rule
 
 NOT_RULES = {"base", "registry"}
 
@@ -32,4 +33,7 @@ def rules() -> tuple[Rule, ...]:
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
         raise RuntimeError(f"two rules share a name and direction: {duplicates}")
+    unknown = sorted({r.name for r in ordered if r.direction not in (INTO_PRODUCER, INTO_CONSUMER)})
+    if unknown:
+        raise RuntimeError(f"rules with a direction other than {INTO_PRODUCER!r} or {INTO_CONSUMER!r}: {unknown}")
     return ordered
