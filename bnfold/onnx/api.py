@@ -157,7 +157,8 @@ def check_onnx(
     """Which BatchNorms could be folded, and why the others cannot: the fold's own plan, never applied.
 
     Writes nothing, not even a temporary file. A model file with external data is not read into
-    memory: its weights are read one at a time, as the plan needs them.
+    memory: its weights are read one at a time, as the plan needs them. The folded values the plan
+    computes stay in memory until it returns (with no spill file, that is the price of writing nothing).
     """
     if isinstance(model, (str, os.PathLike)):
         proto, _ = io.load_model_and_layout(model, load_data=False)

@@ -178,9 +178,15 @@ class Rule:
     priority: ClassVar[int]
 
     def match(self, chain: Chain, ctx: PlanContext) -> Site | None:
+        """The nodes this pattern covers around `chain`, or None when the pattern is not there.
+
+        Structure only (ops, domains, single readers, graph outputs); raise with `refuse` when the
+        pattern is there but cannot fold.
+        """
         raise NotImplementedError
 
     def plan(self, chain: Chain, site: Site, ctx: PlanContext) -> Fold:
+        """Every new value for the layers of `site`, in float64 rounded once; may refuse; writes nothing."""
         raise NotImplementedError
 
     def worthwhile(self, fold: Fold) -> bool:
@@ -188,6 +194,11 @@ class Rule:
         return True
 
     def apply(self, fold: Fold, edit: GraphEdit) -> None:
+        """Rewrite `edit.graph` with the planned values; never refuses.
+
+        Runs twice per fold — on the planner's scratch copy, then on the real graph — so it must be
+        deterministic and refer only to nodes and tensors that existed before planning.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
