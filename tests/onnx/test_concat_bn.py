@@ -198,6 +198,61 @@ def test_rank2_branches_other_dtypes(dtype) -> None:
     assert_concat_fold(m, rng)
 
 
+def _if_model(rng, *, convs_outside: bool) -> onnx.ModelProto:
+    """If(cond) whose two branches each hold Concat → BN over the same weights (inside, or outer convs)."""
+    shape = [1, 8, SPATIAL, SPATIAL]
+
+    def convs(prefix: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name=f"{prefix}c0", pads=[1] * 4),
+            helper.make_node("Conv", ["x", "w1"], ["c1"], name=f"{prefix}c1", pads=[2] * 4),
+        ]
+
+    def body(name: str) -> onnx.GraphProto:
+        nodes = ([] if convs_outside else convs(f"{name}_")) + [
+            helper.make_node("Concat", ["c0", "c1"], [f"{name}_cat"], name=f"{name}_cat", axis=1),
+            bn_node(f"{name}_cat", f"{name}_y", "bn", name=f"{name}_bn"),
+        ]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, shape)])
+
+    nodes = (convs("") if convs_outside else []) + [
+        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=body("then"), else_branch=body("else"))
+    ]
+    inits = [init("w0", rand((3, 4, 3, 3), rng, F32, 0.5)), init("b0", rand(3, rng)), init("w1", rand((5, 4, 5, 5), rng, F32, 0.5))]
+    inits += bn_inits("bn", trained_stats(8, rng))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []), helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, SPATIAL, SPATIAL])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_concat_in_subgraphs() -> None:
+    """Inside each If branch it folds (the shared weights get private copies); outer convs read by both
+    branches are refused in each, naming the other branch's Concat."""
+    rng = np.random.default_rng(15)
+    m = _if_model(rng, convs_outside=False)
+    out, report = fold_onnx(m)
+    assert report.folded == 2 and report.left == 0 and {c.rule for c in report.candidates} == {"concat"}, str(report)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": rand((1, 4, SPATIAL, SPATIAL), rng)}
+        ref, got = run(m, feeds)[0], run(out, feeds)[0]
+        assert np.max(np.abs(ref - got)) <= 1e-5 * np.max(np.abs(ref))
+    m = _if_model(rng, convs_outside=True)
+    out, report = fold_onnx(m)
+    assert report.folded == 0 and out.SerializeToString() == m.SerializeToString()
+    other = {"then_bn": "else_cat", "else_bn": "then_cat"}
+    assert sorted(c.node for c in report.candidates) == ["else_bn", "then_bn"]
+    for c in report.candidates:
+        assert c.reasons[0].code is Reason.OTHER_CONSUMER and f"Concat '{other[c.node]}'" in c.reasons[0].message
+
+
 def test_folded_slices_are_each_producers_own_fold() -> None:
     """Branch i's weight is scaled by s[o_i : o_i + C_i] exactly (float64, rounded once)."""
     rng = np.random.default_rng(3)
@@ -383,6 +438,27 @@ def test_refuses_same_tensor_twice() -> None:
     assert "twice" in cand.reasons[0].message
     assert [n for n in out.graph.node if n.name == "concat"][0].SerializeToString() == [n for n in m.graph.node if n.name == "concat"][0].SerializeToString()
     assert op_types(out).count("BatchNormalization") == 1
+
+
+def test_refusal_in_a_later_branch_leaves_every_branch_as_it_was() -> None:
+    """Every slice is planned before any is written: branch 1's float16 overflow leaves branch 0 unfolded too."""
+    rng = np.random.default_rng(30)
+
+    def overflowing(nodes, inputs, inits):
+        for k, t in enumerate(inits):
+            a = onnx.numpy_helper.to_array(t).copy()
+            if t.name == "l1.w":
+                a[0, 0, 0, 0] = 30000.0
+            elif t.name == "bn.scale":
+                a[6] = 50.0  # channel 6 is branch 1's first: s ≈ 50/√(σ²+ε), far above 65504/30000
+            elif t.name == "bn.var":
+                a[6] = 1e-4
+            else:
+                continue
+            inits[k] = init(t.name, a)
+
+    m = concat_bn(rng, CONV_CASES["k3+k5"], dtype=F16, tweak=overflowing)
+    assert_refused(m, Reason.FP16_OVERFLOW, "l1")
 
 
 @pytest.mark.parametrize("axis", [2, -1])

@@ -108,8 +108,8 @@ class ConcatIntoProducers(Rule):
                 what = "a graph input" if producer is None else f"from {producer.op} '{display(producer)}'"
                 refuse(
                     Reason.NO_LINEAR_NEIGHBOUR,
-                    f"{where} input {i} '{t.name}' is {what}, not a {LAYERS} layer: the BatchNorm folds into a "
-                    "Concat only when every input is one",
+                    f"{where} input {i} '{t.name}' is {what}, not a {LAYERS} layer: a BatchNorm folds through a "
+                    "Concat only when every input comes from one",
                 )
             if len(producer.outputs) != 1:
                 refuse(Reason.UNSUPPORTED, f"{producer.op} '{display(producer)}' has several outputs")
