@@ -188,7 +188,15 @@ def test_check_paths_aggregates_exit_codes_and_keeps_checking(models: dict[str, 
     assert check_paths([]).exit_code == EXIT_USAGE  # nothing to check is not a pass
 
 
-def test_parallel_check_gives_the_same_result_and_reports_progress(models: dict[str, Path]) -> None:
+@pytest.fixture
+def pool_for_tiny_models(monkeypatch):
+    """Start worker processes even for these few-KB models (normally checked in one process)."""
+    from bnfold.check import pool
+
+    monkeypatch.setattr(pool, "BYTES_PER_WORKER", 1)
+
+
+def test_parallel_check_gives_the_same_result_and_reports_progress(models: dict[str, Path], pool_for_tiny_models) -> None:
     paths = list(models.values())
     seen: list[str] = []
     serial = check_paths(paths, strict=True)
@@ -197,11 +205,43 @@ def test_parallel_check_gives_the_same_result_and_reports_progress(models: dict[
     assert sorted(seen) == sorted(map(str, paths))
 
 
-def test_check_writes_nothing(models: dict[str, Path]) -> None:
+def test_check_writes_nothing(models: dict[str, Path], pool_for_tiny_models) -> None:
     folder = next(iter(models.values())).parent
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
     check_paths([folder], strict=True, jobs=2)
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()} == before
+
+
+def test_pool_size_follows_jobs_models_and_their_size(tmp_path: Path) -> None:
+    from bnfold.check.pool import BYTES_PER_WORKER, workers_for
+
+    small = [tmp_path / f"s{i}.onnx" for i in range(8)]
+    for p in small:
+        p.write_bytes(b"x" * 1000)
+    assert workers_for(4, small) == 1  # 8 KB of models: one process is as fast
+    big = [tmp_path / f"b{i}.onnx" for i in range(3)]
+    for p in big:
+        p.write_bytes(b"x" * BYTES_PER_WORKER)
+    assert workers_for(8, big) == 3 and workers_for(2, big) == 2 and workers_for(1, big) == 1
+
+
+def _die(path: str):
+    import os
+
+    os._exit(3)
+
+
+def test_a_worker_that_dies_costs_error_entries_not_the_run(tmp_path: Path, pool_for_tiny_models) -> None:
+    from bnfold.check.gate import unreadable
+    from bnfold.check.pool import run_pool
+
+    files = []
+    for i in range(3):
+        (tmp_path / f"{i}.onnx").write_bytes(b"x")
+        files.append(str(tmp_path / f"{i}.onnx"))
+    out = list(run_pool(_die, files, jobs=2, on_error=unreadable))
+    assert [m.status for m in out] == ["error"] * 3
+    assert all("worker process" in m.error for m in out)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -132,7 +132,10 @@ def test_github_format_lines(models: dict[str, Path]) -> None:
     assert len(lines) == 3
 
 
-def test_jobs_gives_the_same_output(models: dict[str, Path]) -> None:
+def test_jobs_gives_the_same_output(models: dict[str, Path], monkeypatch) -> None:
+    from bnfold.check import pool
+
+    monkeypatch.setattr(pool, "BYTES_PER_WORKER", 1)  # a pool even for these tiny models
     folder = models["folded"].parent
     one = run(folder, "--format", "json", "--strict")
     two = run(folder, "--format", "json", "--strict", "-j", "2")

@@ -4,7 +4,8 @@ A small model is checked in ~10 ms, while importing onnx, onnx-graphsurgeon and 
 pool that imports per task, or starts a process per model, is slower than no pool (measured: ``-j 2``
 1.06x *slower* than ``-j 1`` on 42 small models). So:
 
-- the pool is started once per run, with at most one worker per model;
+- the pool is started once per run, with at most one worker per model, and not at all for a few MB
+  of models in all (`BYTES_PER_WORKER`), where one process is as fast;
 - the engine is imported once: in the parent before the pool forks (the workers inherit it for free),
   or once per worker by the initializer where processes are spawned;
 - models go to the workers in chunks (about four per worker: few round trips, still balanced when one
@@ -24,12 +25,21 @@ from typing import Callable, Iterator, Sequence, TypeVar
 R = TypeVar("R")
 
 CHUNKS_PER_WORKER = 4
+BYTES_PER_WORKER = 1 << 20
+"""A worker process is worth starting for about this much model data: below it (a folder of tiny test
+models), the check itself takes milliseconds and one process is at least as fast."""
 
 
-def workers_for(jobs: int, n_files: int) -> int:
-    """``jobs`` (0: one per CPU), never more than there are models."""
+def workers_for(jobs: int, files: Sequence[str]) -> int:
+    """``jobs`` (0: one per CPU), never more than there are models, nor than `BYTES_PER_WORKER` warrants."""
     wanted = (os.cpu_count() or 1) if jobs <= 0 else jobs
-    return max(1, min(wanted, n_files))
+    total = 0
+    for f in files:
+        try:
+            total += os.path.getsize(f)
+        except OSError:
+            pass
+    return max(1, min(wanted, len(files), total // BYTES_PER_WORKER))
 
 
 def run_pool(
@@ -47,7 +57,7 @@ def run_pool(
     imports what every call needs, once per process. ``on_error(file, message)`` stands in for a
     result a dead worker never delivered.
     """
-    workers = workers_for(jobs, len(files))
+    workers = workers_for(jobs, files)
     if warm_up is not None and files:
         warm_up()  # serial: needed anyway; forked workers: inherited, not repeated
     if workers <= 1:
