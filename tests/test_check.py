@@ -467,7 +467,7 @@ def test_missing_path_is_an_error_not_a_model_checked(tmp_path: Path) -> None:
     assert result.exit_code == EXIT_USAGE
     assert render_text(result).splitlines() == [
         f"ERROR {tmp_path / 'nope.onnx'}: no such file or directory",
-        "bnfold check ERROR: 1 model checked, 1 unreadable, 0 ok",
+        "bnfold check ERROR: 0 models checked, 1 path named no model",
     ]
 
 

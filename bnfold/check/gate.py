@@ -40,9 +40,9 @@ def run_exit_code(models: Sequence[ModelCheck]) -> int:
     return EXIT_CHECK_FAILED if EXIT_CHECK_FAILED in codes else EXIT_OK
 
 
-def unreadable(path: str, error: str) -> ModelCheck:
-    """A model (or an argument) that could not be read, judged."""
-    result = ModelCheck(path, error=error)
+def unreadable(path: str, error: str, *, is_model: bool = True) -> ModelCheck:
+    """A model that could not be read (or, ``is_model`` False, an argument that names none), judged."""
+    result = ModelCheck(path, error=error, is_model=is_model)
     result.exit_code = model_exit_code(result)
     return result
 
@@ -136,5 +136,5 @@ def check_paths(
     one = functools.partial(check_model, strict=strict, allow=tuple(allow), assume_constant=assume_constant)
     checked = iter(list(run_pool(one, files, jobs=jobs, on_error=unreadable, on_progress=on_progress,
                             warm_up=_import_engine)))
-    models = [next(checked) if isinstance(e, str) else unreadable(e.path, e.error) for e in entries]
+    models = [next(checked) if isinstance(e, str) else unreadable(e.path, e.error, is_model=False) for e in entries]
     return CheckResult(models=models, strict=strict, allow=list(allow), exit_code=run_exit_code(models))

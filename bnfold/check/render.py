@@ -11,7 +11,7 @@ from collections import Counter
 from importlib import resources
 from typing import Any
 
-from bnfold.check.result import ALLOWED, FAIL, INFO, CheckResult
+from bnfold.check.result import ALLOWED, FAIL, INFO, CheckResult, ModelCheck
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
 
 SCHEMA_FILE = "check-v1.schema.json"
@@ -29,20 +29,36 @@ _MARK = {FAIL: "FAIL", ALLOWED: "allowed", INFO: "left"}
 def summary_line(result: CheckResult) -> str:
     s = result.summary()
     verdict = {EXIT_OK: "passed", EXIT_CHECK_FAILED: "FAILED", EXIT_USAGE: "ERROR"}[result.exit_code]
-    parts = [f"{s['models']} model{'s' if s['models'] != 1 else ''} checked"]
+    n_models = sum(m.is_model for m in result.models)
+    named_nothing = s["models"] - n_models
+    parts = [f"{n_models} model{'s' if n_models != 1 else ''} checked"]
+    if named_nothing:
+        parts.append(f"{named_nothing} path{'s' if named_nothing != 1 else ''} named no model")
     if s["failed"]:
         what = "BatchNorm" if s["batchnorms_failing"] == 1 else "BatchNorms"
         because = "left" if result.strict else "foldable"
         parts.append(f"{s['failed']} failed ({s['batchnorms_failing']} {what} {because})")
-    if s["errors"]:
-        parts.append(f"{s['errors']} unreadable")
-    parts.append(f"{s['ok']} ok")
+    if s["errors"] - named_nothing:
+        parts.append(f"{s['errors'] - named_nothing} unreadable")
+    if n_models:
+        parts.append(f"{s['ok']} ok")
     if s["batchnorms_allowed"]:
         parts.append(f"{s['batchnorms_allowed']} allowed")
     if s["batchnorms_unfoldable"] and not result.strict:
         n = s["batchnorms_unfoldable"]
         parts.append(f"{n} unfoldable BatchNorm{'s' if n != 1 else ''} left (not failing without --strict)")
     return f"bnfold check {verdict}: " + ", ".join(parts)
+
+
+def error_line(m: ModelCheck) -> str:
+    """``ERROR path: reason`` for a model that could not be read."""
+    same = (m.error or "").startswith(f"{m.path}: ")
+    return f"ERROR {m.error}" if same else f"ERROR {m.path}: {m.error}"
+
+
+def render_errors(result: CheckResult) -> str:
+    """Only the unreadable models (``check -q``: no output but errors); empty when there are none."""
+    return "\n".join(error_line(m) for m in result.models if m.error is not None)
 
 
 def render_text(result: CheckResult, *, verbose: bool = False) -> str:
@@ -55,8 +71,7 @@ def render_text(result: CheckResult, *, verbose: bool = False) -> str:
     lines: list[str] = []
     for m in result.models:
         if m.error is not None:
-            same = m.error.startswith(f"{m.path}: ")
-            lines.append(f"ERROR {m.error}" if same else f"ERROR {m.path}: {m.error}")
+            lines.append(error_line(m))
             continue
         if not m.findings:
             if verbose:

@@ -87,6 +87,7 @@ class ModelCheck:
     batchnorms_found: int = 0
     report: FoldReport | None = None
     exit_code: int = EXIT_USAGE  # until the gate has judged it, a model has not passed
+    is_model: bool = True  # False: an argument (or entry) that names no model: missing, broken link, FIFO…
 
     @property
     def failing(self) -> list[Finding]:
