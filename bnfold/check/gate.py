@@ -13,8 +13,8 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-from bnfold.check.pool import run_pool
 from bnfold.check.paths import PathError, expand_paths
+from bnfold.check.pool import run_pool
 from bnfold.check.result import ALLOWED, FAIL, FOLDABLE_CODE, INFO, CheckResult, Finding, ModelCheck, candidate_names
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, BnfoldError
 from bnfold.report import HINTS, Candidate, FoldReport, Status
