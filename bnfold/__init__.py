@@ -55,9 +55,24 @@ def __getattr__(name: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as exc:
-        if exc.name == "torch":  # the ONNX-only install: say how to get the PyTorch front-end
-            raise ImportError(f"bnfold.{name} needs PyTorch: pip install 'bnfold[torch]'") from exc
+        if exc.name in ("torch", "onnxscript"):  # the ONNX-only install: say how to get the PyTorch front-end
+            raise ImportError(torch_install_hint(name)) from exc
         raise
+
+
+TORCH_REQUIREMENTS = ("torch>=2.13", "onnxscript>=0.3")
+"""The `torch` extra of pyproject.toml (a test keeps the two equal)."""
+
+
+def torch_install_hint(name: str) -> str:
+    """What to install for the PyTorch front-end, in words that work however bnfold was installed.
+
+    ``pip install 'bnfold[torch]'`` only works where bnfold comes from an index; the packages
+    themselves install anywhere, and a checkout has its extra.
+    """
+    packages = " ".join(f"'{r}'" for r in TORCH_REQUIREMENTS)
+    return (f"bnfold.{name} needs PyTorch, which is not installed: pip install {packages} "
+            "(in a bnfold source checkout: pip install -e '.[torch]')")
 
 
 def __dir__() -> list[str]:

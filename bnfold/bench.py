@@ -199,11 +199,11 @@ class BenchResult:
             lines.append("")
             lines.append(f"{r.title} — {r.provider}")
             lines.append(
-                f"  {'model':9} {'session s':>10} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'items/s':>10}"
+                f"  {'model':9} {'session ms':>10} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'items/s':>10}"
             )
             for name, t in (("original", r.original), ("folded", r.folded)):
                 lines.append(
-                    f"  {name:9} {t.session_s:10.4f} {t.median_ms:10.3f} {t.p10_ms:9.3f} {t.p90_ms:9.3f} {t.throughput:10.1f}"
+                    f"  {name:9} {t.session_s * 1e3:10.1f} {t.median_ms:10.3f} {t.p10_ms:9.3f} {t.p90_ms:9.3f} {t.throughput:10.1f}"
                 )
             lines.append(
                 f"  speedup original/folded (median): {r.ratio:.3f}x, 95% CI [{r.ci95[0]:.3f}, {r.ci95[1]:.3f}] "

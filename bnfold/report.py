@@ -1,7 +1,8 @@
 """What a fold found, did and left, in one object that both front-ends fill.
 
-`FoldReport.__str__` is the human summary, `to_json()` the machine one, and `return_code` the
-exit code a command ends with; the command layer only prints and exits.
+`FoldReport.__str__` is the human summary and `to_json()` the machine one. A report states facts
+(found, folded, foldable, left and why); it passes no verdict: whether a BatchNorm left fails a CI gate
+is the gate's policy (`bnfold.check.gate`), the one place an exit code of `bnfold check` is decided.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK
 
 
 class Status(str, Enum):
@@ -77,7 +77,6 @@ class Candidate:
     direction: str | None = None  # "into-producer" | "into-consumer"
     reasons: list[SkipReason] = field(default_factory=list)
     graph: str = ""  # subgraph / function path, "" for the main graph
-    allowed: bool = False  # accepted knowingly (check --allow)
     bn_count: int | None = None  # BatchNorms in the chain; None: 1 if op_type is a BatchNorm
     rule: str | None = None  # the fold rule that folded it ("conv", "flatten-head"; docs/rules.md)
 
@@ -107,7 +106,6 @@ class Candidate:
             "direction": self.direction,
             "rule": self.rule,
             "graph": self.graph,
-            "allowed": self.allowed,
             "batchnorms": FoldReport._bn_count(self),
             "reasons": [r.to_dict() for r in self.reasons],
         }
@@ -162,15 +160,6 @@ class FoldReport:
         if c.bn_count is not None:
             return c.bn_count
         return 1 if c.is_batchnorm else 0
-
-    @property
-    def return_code(self) -> int:
-        """For a dry run (check): 1 while a foldable BatchNorm is left that is not allowed."""
-        if self.dry_run and any(
-            c.status is Status.FOLDABLE and not c.allowed and self._bn_count(c) for c in self.candidates
-        ):
-            return EXIT_CHECK_FAILED
-        return EXIT_OK
 
     # -- output -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

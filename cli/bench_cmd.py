@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from bnfold.cli._common import one_line_errors
+from bnfold.cli._common import one_line_errors, output_options
 
 LEVEL_CHOICES = {"disable_all": ("disable_all",), "enable_all": ("enable_all",), "both": ("disable_all", "enable_all")}
 
@@ -22,6 +21,7 @@ Examples:
   bnfold bench model.onnx                          fold in memory, then time both
   bnfold bench model.onnx folded.onnx --repeats 200 --threads 1
   bnfold bench model.onnx --shape input:8x3x224x224 --level disable_all --json
+  bnfold bench model.onnx --no-progress            no progress line, even on a terminal
 """
 )
 @click.argument("original", type=click.Path(path_type=Path))
@@ -36,17 +36,18 @@ Examples:
 @click.option("--level", type=click.Choice(list(LEVEL_CHOICES)), default="both", show_default=True,
               help="onnxruntime graph optimisation level(s) to time at.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs and the bootstrap interval.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (timings of every run included).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@output_options("Print the result as JSON (timings of every run included).")
 @one_line_errors
 def bench(original: Path, folded: Path | None, provider: str, threads: int | None, batch: int | None, repeats: int,
-          warmup: int, shapes: tuple[str, ...], level: str, seed: int, as_json: bool, quiet: bool) -> None:
+          warmup: int, shapes: tuple[str, ...], level: str, seed: int, as_json: bool, quiet: bool,
+          progress: bool | None) -> None:
     """Time ORIGINAL and FOLDED with onnxruntime, interleaved; FOLDED is folded in memory when not given.
 
     Prints, per level, session-creation time, median/p10/p90 latency and throughput of both models, and
     the speedup median(original)/median(folded) with a 95% bootstrap interval.
     """
     from bnfold.bench import bench_onnx, planned_runs
+    from bnfold.cli._progress import Progress, wanted
     from bnfold.feeds import parse_shapes
     from bnfold.providers import choose
 
@@ -55,15 +56,12 @@ def bench(original: Path, folded: Path | None, provider: str, threads: int | Non
     n_providers = len(choose(provider).selected)  # exit 2 here, before any work, when CUDA is missing
     kwargs = dict(provider=provider, levels=levels, threads=threads, batch=batch, repeats=repeats,
                   warmup=warmup, shapes=parsed, seed=seed)
-    if not quiet and sys.stderr.isatty():
-        total = planned_runs(n_providers, len(levels), repeats, warmup)
-        with click.progressbar(length=total, label="bnfold bench", file=sys.stderr) as bar:
-            result = bench_onnx(original, folded, progress=bar.update, **kwargs)
-    else:
-        result = bench_onnx(original, folded, **kwargs)
+    total = planned_runs(n_providers, len(levels), repeats, warmup)
+    with Progress("bnfold bench: model runs", total=total, enabled=wanted(progress, quiet)) as bar:
+        result = bench_onnx(original, folded, progress=bar.advance, **kwargs)
     if as_json:
         import json
 
         click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
+    elif not quiet:
         click.echo(str(result))

@@ -6,10 +6,7 @@ import sys
 
 import click
 
-from bnfold.cli._common import one_line_errors
-
-PROGRESS_MIN_MODELS = 8
-"""A progress bar (on stderr, only when it is a terminal) from this many models on."""
+from bnfold.cli._common import one_line_errors, output_options
 
 
 @click.command(
@@ -20,6 +17,8 @@ Examples:
   bnfold check model.onnx --strict              also fail on BatchNorms that cannot be folded
   bnfold check models/ --allow 'head/*_bn'      accept these BatchNorm nodes knowingly
   bnfold check models/ --format github          GitHub Actions annotations
+  bnfold check models/ --json > report.json     the same as --format json
+  bnfold check -q models/                       only the exit code (and errors)
 
 \b
 Exit codes: 0 no foldable BatchNorm left; 1 one is left (with --strict: any BatchNorm);
@@ -39,9 +38,8 @@ Exit codes: 0 no foldable BatchNorm left; 1 one is left (with --strict: any Batc
     "--format",
     "fmt",
     type=click.Choice(["text", "json", "github"]),
-    default="text",
-    show_default=True,
-    help="text for people, json for programs (schema in the docs), github for Actions annotations.",
+    default=None,
+    help="text for people [default], json for programs (schema in the docs), github for Actions annotations.",
 )
 @click.option(
     "-j",
@@ -49,7 +47,7 @@ Exit codes: 0 no foldable BatchNorm left; 1 one is left (with --strict: any Batc
     type=click.IntRange(min=0),
     default=1,
     show_default=True,
-    help="Check models in N parallel processes (0: one per CPU).",
+    help="Check models in up to N processes (0: one per CPU); a few MB of models in all are checked in one.",
 )
 @click.option(
     "--assume-constant",
@@ -57,17 +55,19 @@ Exit codes: 0 no foldable BatchNorm left; 1 one is left (with --strict: any Batc
     help="As for fold: treat initializers that are also graph inputs (IR >= 4) as constants.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Text format: also name the models that pass with no BatchNorm left.")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr when it is a terminal and there are many models.")
+@output_options("The same as --format json.")
 @one_line_errors
 def check(
     paths: tuple[str, ...],
     strict: bool,
     allow: tuple[str, ...],
-    fmt: str,
+    fmt: str | None,
     jobs: int,
     assume_constant: bool,
     verbose: bool,
-    progress: bool,
+    as_json: bool,
+    quiet: bool,
+    progress: bool | None,
 ) -> None:
     """Fail when a BatchNorm that `bnfold fold` would fold is left in any model.
 
@@ -75,22 +75,22 @@ def check(
     fold's own finder as a dry run, so it calls foldable exactly what the fold folds.
     """
     from bnfold.check import check_paths, expand_paths, render
+    from bnfold.check.render import render_errors
+    from bnfold.cli._progress import Progress, wanted
+    from bnfold.errors import UsageError
 
+    if as_json and fmt not in (None, "json"):
+        raise UsageError(f"--json and --format {fmt} ask for two formats; give one")
+    fmt = "json" if as_json else (fmt or "text")
     entries = expand_paths(paths)
     n_models = sum(isinstance(e, str) for e in entries)
-    stderr = _stderr()
-    if progress and n_models >= PROGRESS_MIN_MODELS and stderr.isatty():
-        with click.progressbar(length=n_models, label="checking", file=stderr) as bar:
-            result = check_paths(
-                paths, strict=strict, allow=allow, assume_constant=assume_constant, jobs=jobs,
-                entries=entries, on_progress=lambda _path: bar.update(1),
-            )
+    with Progress("checking", total=n_models, enabled=wanted(progress, quiet) and n_models > 0) as bar:
+        result = check_paths(paths, strict=strict, allow=allow, assume_constant=assume_constant, jobs=jobs,
+                             entries=entries, on_progress=lambda _path: bar.advance())
+    if quiet and fmt == "text":
+        errors = render_errors(result)
+        if errors:  # no output but errors
+            click.echo(errors, err=True)
     else:
-        result = check_paths(paths, strict=strict, allow=allow, assume_constant=assume_constant, jobs=jobs, entries=entries)
-    click.echo(render(result, fmt, verbose=verbose))
+        click.echo(render(result, fmt, verbose=verbose))
     sys.exit(result.exit_code)
-
-
-def _stderr():
-    """Where the progress bar goes (a function, so tests can stand in a terminal)."""
-    return sys.stderr

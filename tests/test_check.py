@@ -131,7 +131,7 @@ def test_expand_paths_reports_what_names_nothing_in_place(tmp_path: Path) -> Non
     entries = expand_paths([str(tmp_path / "missing.onnx"), str(tmp_path / "m.onnx"), str(tmp_path / "empty"), str(tmp_path / "*.pt")])
     assert isinstance(entries[1], str)
     errors = [e for e in entries if not isinstance(e, str)]
-    assert [e.exit_code for e in errors] == [EXIT_USAGE] * 3
+    assert len(errors) == 3
     assert "no such file" in errors[0].error and "no *.onnx" in errors[1].error and "matches no model" in errors[2].error
 
 
@@ -144,18 +144,17 @@ def test_foldable_fails_unfoldable_is_info_unless_strict() -> None:
     assert {f.node: f.verdict for f in r.findings} == {"head_bn": FAIL, "bn2": INFO}
     bn2 = next(f for f in r.findings if f.node == "bn2")
     assert bn2.code == "other-consumer" and "add2" in bn2.message and bn2.hint
-    assert r.exit_code == r.report.return_code  # the gate agrees with the report it judged
+    assert not hasattr(r.report, "return_code")  # the report passes no verdict: the gate is the only one
 
     assert check_model(two_consumers()).exit_code == EXIT_OK
     strict = check_model(two_consumers(), strict=True)
     assert strict.exit_code == EXIT_CHECK_FAILED and [f.code for f in strict.failing] == ["other-consumer"]
 
 
-def test_allow_accepts_named_batchnorms_and_marks_them_on_the_report() -> None:
+def test_allow_accepts_named_batchnorms() -> None:
     r = check_model(mixed(), allow=["head_*"])
     assert {f.node: f.verdict for f in r.findings} == {"head_bn": ALLOWED, "bn2": INFO}
-    assert r.exit_code == EXIT_OK and r.report.return_code == EXIT_OK
-    assert [c.allowed for c in r.report.candidates if c.node == "head_bn"] == [True]
+    assert r.exit_code == EXIT_OK
     # strict + allow: only what is not allowed fails
     s = check_model(mixed(), strict=True, allow=["head_*"])
     assert [f.node for f in s.failing] == ["bn2"]
@@ -189,7 +188,15 @@ def test_check_paths_aggregates_exit_codes_and_keeps_checking(models: dict[str, 
     assert check_paths([]).exit_code == EXIT_USAGE  # nothing to check is not a pass
 
 
-def test_parallel_check_gives_the_same_result_and_reports_progress(models: dict[str, Path]) -> None:
+@pytest.fixture
+def pool_for_tiny_models(monkeypatch):
+    """Start worker processes even for these few-KB models (normally checked in one process)."""
+    from bnfold.check import pool
+
+    monkeypatch.setattr(pool, "BYTES_PER_WORKER", 1)
+
+
+def test_parallel_check_gives_the_same_result_and_reports_progress(models: dict[str, Path], pool_for_tiny_models) -> None:
     paths = list(models.values())
     seen: list[str] = []
     serial = check_paths(paths, strict=True)
@@ -198,11 +205,43 @@ def test_parallel_check_gives_the_same_result_and_reports_progress(models: dict[
     assert sorted(seen) == sorted(map(str, paths))
 
 
-def test_check_writes_nothing(models: dict[str, Path]) -> None:
+def test_check_writes_nothing(models: dict[str, Path], pool_for_tiny_models) -> None:
     folder = next(iter(models.values())).parent
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
     check_paths([folder], strict=True, jobs=2)
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()} == before
+
+
+def test_pool_size_follows_jobs_models_and_their_size(tmp_path: Path) -> None:
+    from bnfold.check.pool import BYTES_PER_WORKER, workers_for
+
+    small = [tmp_path / f"s{i}.onnx" for i in range(8)]
+    for p in small:
+        p.write_bytes(b"x" * 1000)
+    assert workers_for(4, small) == 1  # 8 KB of models: one process is as fast
+    big = [tmp_path / f"b{i}.onnx" for i in range(3)]
+    for p in big:
+        p.write_bytes(b"x" * BYTES_PER_WORKER)
+    assert workers_for(8, big) == 3 and workers_for(2, big) == 2 and workers_for(1, big) == 1
+
+
+def _die(path: str):
+    import os
+
+    os._exit(3)
+
+
+def test_a_worker_that_dies_costs_error_entries_not_the_run(tmp_path: Path, pool_for_tiny_models) -> None:
+    from bnfold.check.gate import unreadable
+    from bnfold.check.pool import run_pool
+
+    files = []
+    for i in range(3):
+        (tmp_path / f"{i}.onnx").write_bytes(b"x")
+        files.append(str(tmp_path / f"{i}.onnx"))
+    out = list(run_pool(_die, files, jobs=2, on_error=unreadable))
+    assert [m.status for m in out] == ["error"] * 3
+    assert all("worker process" in m.error for m in out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,11 +259,25 @@ def test_json_output_validates_against_the_documented_schema(models: dict[str, P
         assert len(data["models"]) == 6
 
 
+SCHEMA_FILE = ROOT / "bnfold" / "check" / "check-v1.schema.json"
+
+
+def test_the_schema_is_one_packaged_file_that_the_code_reads() -> None:
+    assert CHECK_JSON_SCHEMA == json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert '"bnfold.check" = ["*.schema.json"]' in pyproject  # shipped as package data
+    code = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "bnfold" / "check").glob("*.py"))
+    assert '"additionalProperties"' not in code  # no restated copy of the schema in the code
+
+
 @pytest.mark.parametrize("doc", ["README.md", "docs/check.md"])
-def test_json_schema_in_the_docs_is_the_one_in_the_code(doc: str) -> None:
+def test_docs_quote_exactly_the_packaged_schema(doc: str) -> None:
+    """A document that quotes the schema quotes the packaged file byte for byte."""
     text = (ROOT / doc).read_text(encoding="utf-8")
-    block = text.split("<!-- schema -->", 1)[1].split("```json", 1)[1].split("```", 1)[0]
-    assert json.loads(block) == json.loads(json.dumps(CHECK_JSON_SCHEMA))
+    blocks = [b.split("```", 1)[0] for b in text.split("```json\n")[1:] if '"$schema"' in b.split("```", 1)[0]]
+    for block in blocks:
+        assert block == SCHEMA_FILE.read_text(encoding="utf-8")
+    assert blocks or "check-v1.schema.json" in text  # quoted, or pointed to
 
 
 def test_github_annotations(models: dict[str, Path], tmp_path: Path) -> None:
@@ -361,3 +414,81 @@ def test_allow_matches_the_subgraph_qualified_name() -> None:
         assert check_model(if_model(), allow=[pattern]).exit_code == EXIT_OK, pattern
     assert check_model(if_model(), allow=["if.else_branch/*"]).exit_code == EXIT_CHECK_FAILED
     _assert_check_matches_fold(if_model())
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths that are not models: temp files, FIFOs, broken links, symlink cycles
+# ------------------------------------------------------------------------------------------------
+def test_expand_paths_skips_bnfold_temporary_files_in_folders(tmp_path: Path) -> None:
+    (tmp_path / ".bnfold-spill-x").mkdir()
+    for p in ("m.onnx", ".bnfold-tmp-m.onnx", ".bnfold-spill-x/w.onnx"):
+        (tmp_path / p).write_bytes(b"")
+    assert expand_paths([tmp_path]) == [str(tmp_path / "m.onnx")]
+    assert expand_paths([str(tmp_path / "*.onnx")]) == [str(tmp_path / "m.onnx")]
+
+
+def test_non_regular_files_and_broken_links_are_errors_with_a_reason(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    link = tmp_path / "gone.onnx"
+    link.symlink_to(tmp_path / "nowhere.onnx")
+    entries = expand_paths([fifo, link, "/dev/null"])
+    assert [e.error for e in entries] == [
+        f"{fifo}: not a regular file (a FIFO); a model must be a regular file",
+        f"{link}: broken symbolic link (its target {str(tmp_path / 'nowhere.onnx')!r} does not exist)",
+        "/dev/null: not a regular file (a character device); a model must be a regular file",
+    ]
+    result = check_paths([fifo])  # returns at once: the FIFO is never opened
+    assert result.exit_code == EXIT_USAGE and "FIFO" in result.models[0].error
+
+
+def test_folder_of_only_broken_links_says_so(tmp_path: Path) -> None:
+    for name in ("a.onnx", "b.onnx"):
+        (tmp_path / name).symlink_to(tmp_path / "missing" / name)
+    result = check_paths([tmp_path])
+    assert result.exit_code == EXIT_USAGE
+    assert [m.error.split(": ", 1)[1].split(" (")[0] for m in result.models] == ["broken symbolic link"] * 2
+    assert "no *.onnx" not in render_text(result)
+
+
+def test_directory_symlink_cycles_are_walked_once(tmp_path: Path) -> None:
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "m.onnx").write_bytes(b"")
+    (tmp_path / "d" / "sub" / "up").symlink_to(tmp_path / "d")  # a cycle
+    (tmp_path / "d" / "again").symlink_to(tmp_path / "d" / "sub")  # the same folder twice
+    assert expand_paths([tmp_path / "d"]) == [str(tmp_path / "d" / "again" / "m.onnx")]
+    assert expand_paths([str(tmp_path / "d" / "**" / "*.onnx")]) == [str(tmp_path / "d" / "sub" / "m.onnx")]
+
+
+def test_missing_path_is_an_error_not_a_model_checked(tmp_path: Path) -> None:
+    result = check_paths([tmp_path / "nope.onnx"])
+    assert result.exit_code == EXIT_USAGE
+    assert render_text(result).splitlines() == [
+        f"ERROR {tmp_path / 'nope.onnx'}: no such file or directory",
+        "bnfold check ERROR: 0 models checked, 1 path named no model",
+    ]
+
+
+def test_identical_hints_are_printed_once_per_reason_and_model(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "input"
+    for i in range(4):  # four Conv → BN pairs whose Conv output also feeds an Add: 4 × other-consumer
+        w = numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), f"w{i}")
+        bn, bi = _bn(f"bn{i}", f"c{i}", f"b{i}", 3, rng)
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}"), bn,
+                  helper.make_node("Add", [f"c{i}", f"b{i}"], [f"y{i}"], name=f"add{i}")]
+        inits += [w, *bi]
+        x = f"y{i}"
+    nodes[-1].output[0] = "output"
+    out = render_text(CheckResultFor(_model(nodes, inits, [1, 3, 8, 8]), tmp_path))
+    assert out.count("[other-consumer]") == 5  # four findings, one grouped hint
+    assert out.count("fold is only exact when the BatchNorm is the layer's sole consumer") == 1
+    assert "hint for all 4 [other-consumer] here:" in out
+
+
+def CheckResultFor(model: onnx.ModelProto, tmp_path: Path):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    return check_paths([path])

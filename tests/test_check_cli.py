@@ -132,7 +132,10 @@ def test_github_format_lines(models: dict[str, Path]) -> None:
     assert len(lines) == 3
 
 
-def test_jobs_gives_the_same_output(models: dict[str, Path]) -> None:
+def test_jobs_gives_the_same_output(models: dict[str, Path], monkeypatch) -> None:
+    from bnfold.check import pool
+
+    monkeypatch.setattr(pool, "BYTES_PER_WORKER", 1)  # a pool even for these tiny models
     folder = models["folded"].parent
     one = run(folder, "--format", "json", "--strict")
     two = run(folder, "--format", "json", "--strict", "-j", "2")
@@ -140,26 +143,24 @@ def test_jobs_gives_the_same_output(models: dict[str, Path]) -> None:
     assert json.loads(one.stdout) == json.loads(two.stdout)
 
 
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+def test_progress_only_on_a_terminal(models: dict[str, Path], monkeypatch) -> None:
+    from bnfold.cli import _progress
 
-
-def test_progress_bar_only_on_a_terminal_with_many_models(models: dict[str, Path], monkeypatch) -> None:
-    from bnfold.cli import check_cmd
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
 
     folder = models["folded"].parent
-    monkeypatch.setattr(check_cmd, "PROGRESS_MIN_MODELS", 2)
-    tty = _Tty()
-    monkeypatch.setattr(check_cmd, "_stderr", lambda: tty)
+    tty = Tty()
+    monkeypatch.setattr(_progress, "stderr", lambda: tty)
+    monkeypatch.setattr(_progress, "DELAY_S", 0.0)
     r = run(folder)
     assert r.exit_code == EXIT_CHECK_FAILED
     assert "checking" in tty.getvalue() and "checking" not in r.stdout
-    tty.truncate(0)
+    tty.seek(0)
+    tty.truncate()
     run(folder, "--no-progress")
-    assert tty.getvalue() == ""
-    monkeypatch.setattr(check_cmd, "PROGRESS_MIN_MODELS", 100)
-    run(folder)
+    run(folder, "-q")
     assert tty.getvalue() == ""
 
 

@@ -144,6 +144,6 @@ def test_torch_front_end_without_torch_says_what_to_install(monkeypatch) -> None
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", no_torch)
-    with pytest.raises(ImportError, match=r"pip install 'bnfold\[torch\]'"):
+    with pytest.raises(ImportError, match=r"needs PyTorch, which is not installed: pip install 'torch>=2\.13' 'onnxscript>=0\.3' \(in a bnfold source checkout: pip install -e '\.\[torch\]'\)"):
         bnfold.fold_torch  # noqa: B018
     assert "bnfold" in sys.modules
