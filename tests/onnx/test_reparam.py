@@ -186,6 +186,33 @@ def test_asymmetric_kernels_take_the_merged_geometry() -> None:
     assert_merged(m)
 
 
+@pytest.mark.parametrize(
+    "adds",
+    [
+        [("c0", "id", "s0"), ("s0", "c1", "output")],  # Add(Add(Conv3, BN), Conv1)
+        [("c1", "id", "s0"), ("c0", "s0", "output")],  # Add(Conv3, Add(Conv1, BN))
+        [("id", "c0", "s0"), ("c1", "c2", "s1"), ("s0", "s1", "output")],  # two subtrees
+    ],
+    ids=["id-inner-left", "id-inner-right", "balanced"],
+)
+def test_identity_anywhere_in_the_add_tree(adds) -> None:
+    rng = np.random.default_rng(9)
+    c = 6
+    nodes, inits = _bn("input", "id", "bn_id", c, rng, F32)
+    used = {t for a in adds for t in a[:2]}
+    for i, k in [(i, k) for i, k in enumerate((3, 1, 3)) if f"c{i}" in used]:
+        inits.append(init(f"w{i}", (rng.standard_normal((c, c, k, k)) * 0.3).astype(F32)))
+        nodes.append(helper.make_node("Conv", ["input", f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[k // 2] * 4))
+    nodes += [helper.make_node("Add", [a, b], [o], name=f"add_{o}") for a, b, o in adds]
+    m = make_model(nodes, [("input", [1, c, 5, 5], F32)], [("output", F32, [1, c, 5, 5])], inits)
+    branches = 1 + sum(f"c{i}" in used for i in range(3))
+    out, report = fold_onnx(m)
+    assert report.folded == 1 and op_types(out) == ["Conv"] and out.graph.node[0].output[0] == "output"
+    assert f"{branches} branches → 1 Conv (conv0)" in report.notes
+    assert_valid(out)
+    assert_equivalent(m, out, rng)
+
+
 def test_x_a_graph_output_is_fine() -> None:
     rng = np.random.default_rng(8)
     nodes, inits = block(rng, "x", "output", 4, branch_bn=False)
