@@ -113,7 +113,7 @@ class ReparamBranches(Rule):
             refuse(Reason.SHAPE_MISMATCH, f"branch convs {_names(site.convs)} have different groups {sorted(groups)}: they cannot merge")
         g = groups.pop()
         for conv, (w, _) in zip(site.convs, params):
-            _refuse_geometry(conv, w, g)
+            _refuse_geometry(conv, w)
         shapes = {(w.shape[0], w.shape[1]) for w, _ in params}
         dtypes = {w.dtype for w, _ in params}
         if len(shapes) != 1 or len(dtypes) != 1 or len({w.ndim for w, _ in params}) != 1:
@@ -237,7 +237,7 @@ def _dilations(conv: gs.Node, n: int) -> list[int]:
     return [int(d) for d in conv.attrs.get("dilations", [1] * n)]
 
 
-def _refuse_geometry(conv: gs.Node, w, groups: int) -> None:
+def _refuse_geometry(conv: gs.Node, w) -> None:
     """Stride 1, odd kernel, pads ``d·(k−1)/2`` on both sides: output position p reads x[p] at the centre tap."""
     n = w.ndim - 2
     kernel = list(w.shape[2:])
