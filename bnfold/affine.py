@@ -290,3 +290,55 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype, what: str) -> tuple[np.n
     if flushed:
         out = np.where(sub, np.zeros((), dtype), out).astype(dtype)
     return out, flushed
+
+
+# ---------------------------------------------------------------------------------------------
+# Structural re-parameterisation (RepVGG / MobileOne / RepConv): branches on one input merged.
+# ---------------------------------------------------------------------------------------------
+def embed_kernel(weight, kernel: tuple[int, ...]) -> np.ndarray:
+    """Conv weight ``[C_out, C_in/g, k…]`` zero-padded, centred, to ``kernel`` (odd sizes), in float64.
+
+    With stride 1, dilation d and pads ``d·(k−1)/2``, output position p of a centred odd kernel reads
+    ``x[p + (j − (k−1)/2)·d]`` at tap j: the same offsets as taps ``j + (K−k)/2`` of a centred K-kernel
+    with the same dilation. So a 1x1 becomes a 3x3 with its value at the centre ``[1, 1]``, not at the
+    corner ``[0, 0]`` (that would read ``x[p − 1]``).
+    """
+    w = as_f64(weight)
+    pad = [(0, 0), (0, 0)] + [((big - k) // 2, (big - k) // 2) for k, big in zip(w.shape[2:], kernel)]
+    return np.pad(w, pad)
+
+
+def identity_kernel(scale: np.ndarray, in_per_group: int, kernel: tuple[int, ...]) -> np.ndarray:
+    """The conv weight of ``y = s·x`` (C_in = C_out = C): ``W[o, o mod (C/g), centre] = s[o]``, in float64.
+
+    With g groups, output o belongs to group ``o // (C/g)``, whose inputs are channels
+    ``[j·C/g, (j+1)·C/g)``; channel o is column ``o − j·C/g = o mod (C/g)`` of that slice. Dense (g = 1):
+    the diagonal; depthwise (C/g = 1): column 0. The centre tap reads ``x[p]`` (see `embed_kernel`).
+    """
+    s = as_f64(scale).reshape(-1)
+    w = np.zeros((s.shape[0], in_per_group, *kernel), F64)
+    centre = tuple(k // 2 for k in kernel)
+    o = np.arange(s.shape[0])
+    w[(o, o % in_per_group, *centre)] = s
+    return w
+
+
+def merge_branches(weights: list, biases: list, kernel: tuple[int, ...], a: Affine | None) -> tuple[np.ndarray, np.ndarray]:
+    """``Σ_i Conv_i(x) + (s·x + t)`` as one conv: ``W = Σ_i embed(W_i) + identity(s)``, ``b = Σ_i b_i + t``.
+
+    Every conv reads the same x with stride 1, the same groups and dilation, and centred pads, so all
+    produce the same output grid and the sum of convs is the conv of the summed (embedded) kernels. The
+    identity branch ``a`` (None: no identity branch) is the kernel of `identity_kernel`. Float64 throughout;
+    the caller rounds once.
+    """
+    c_out, in_per_group = np.asarray(weights[0]).shape[:2]
+    w = np.zeros((c_out, in_per_group, *kernel), F64)
+    b = np.zeros(c_out, F64)
+    for weight, bias in zip(weights, biases):
+        w += embed_kernel(weight, kernel)
+        if bias is not None:
+            b += as_f64(bias).reshape(-1)
+    if a is not None:
+        w += identity_kernel(a.scale, in_per_group, kernel)
+        b += a.shift
+    return w, b

@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from bnfold.onnx.chain import AffineStep, display
 from bnfold.onnx.constants import ConstantResolver
 from bnfold.onnx.fold import GraphEdit, Spill
-from bnfold.onnx.rules.base import Chain, Fold, PlanContext, Refusal, Rule
+from bnfold.onnx.rules.base import Chain, Fold, Later, PlanContext, Refusal, Rule
 from bnfold.onnx.rules.registry import rules
 from bnfold.onnx.scratch import ScratchCopy
 from bnfold.report import Candidate, Reason, SkipReason, Status
@@ -103,6 +103,7 @@ def _plan_graph(ctx: PlanContext, edit: GraphEdit, plan: Plan, path: str) -> Non
     graph = ctx.graph
     seen: set[int] = set()
     own = {id(n) for n in graph.nodes}  # by identity: gs compares nodes by value, which is slow
+    later: list[Chain] = []  # chains a rule asked to plan after the rest of the graph (`Later`)
     for node in list(graph.nodes):
         if id(node) in seen or not node.outputs:  # already in a chain, or removed by a fold
             continue
@@ -117,7 +118,11 @@ def _plan_graph(ctx: PlanContext, edit: GraphEdit, plan: Plan, path: str) -> Non
             continue
         steps = _grow_chain(seed, ctx, seen, own)
         seen.update(id(s.node) for s in steps)
-        _plan_chain(Chain.of(steps), ctx, edit, plan, path)
+        chain = Chain.of(steps)
+        if _plan_chain(chain, ctx, edit, plan, path, may_wait=True):
+            later.append(chain)
+    for chain in later:
+        _plan_chain(chain, ctx, edit, plan, path, may_wait=False)
     for node in list(graph.nodes):
         for key, value in node.attrs.items():
             if isinstance(value, gs.Graph):
@@ -152,8 +157,11 @@ def _grow_chain(seed: AffineStep, ctx: PlanContext, seen: set[int], own: set[int
     return steps
 
 
-def _plan_chain(chain: Chain, ctx: PlanContext, edit: GraphEdit, plan: Plan, path: str) -> None:
-    """Ask each rule in turn; the first fold wins and is rehearsed. Every refusal is caught here, once."""
+def _plan_chain(chain: Chain, ctx: PlanContext, edit: GraphEdit, plan: Plan, path: str, may_wait: bool = False) -> bool:
+    """Ask each rule in turn; the first fold wins and is rehearsed. Every refusal is caught here, once.
+
+    True: a rule raised `Later` and `may_wait`; nothing was recorded, the caller plans the chain again last.
+    """
     bns = chain.batchnorms
     head = bns[0] if bns else chain.steps[0].node
     cand = Candidate(display(head), head.op, Status.SKIPPED, [display(n) for n in chain.nodes], graph=path, bn_count=len(bns))
@@ -165,17 +173,19 @@ def _plan_chain(chain: Chain, ctx: PlanContext, edit: GraphEdit, plan: Plan, pat
                 continue
             fold = rule.plan(chain, site, ctx)
         except Refusal as refusal:
+            if may_wait and isinstance(refusal, Later):
+                return True
             if refusal.reason not in reasons:  # two rules may see the same obstacle (a shared output)
                 reasons.append(refusal.reason)
             continue
         if not rule.worthwhile(fold):
-            return
+            return False
         rule.apply(fold, edit)  # the rehearsal: later decisions see this fold
         _record(cand, fold, rule, plan, path)
         plan.folds.append(PlannedFold(ctx.graph, fold, cand))
-        return
+        return False
     if not bns:
-        return  # a Mul/Add that stays is not worth a line in the report
+        return False  # a Mul/Add that stays is not worth a line in the report
     if not reasons:
         x = chain.x
         reasons = [
@@ -187,6 +197,7 @@ def _plan_chain(chain: Chain, ctx: PlanContext, edit: GraphEdit, plan: Plan, pat
         ]
     cand.reasons = reasons
     plan.candidates.append(cand)
+    return False
 
 
 def _record(cand: Candidate, fold: Fold, rule: Rule, plan: Plan, path: str) -> None:
@@ -197,6 +208,7 @@ def _record(cand: Candidate, fold: Fold, rule: Rule, plan: Plan, path: str) -> N
     cand.rule = rule.name
     plan.candidates.append(cand)
     plan.notes.extend(fold.chain.affine.notes)
+    plan.notes.extend(fold.notes)
     for layer in fold.layers:
         if layer.flushed:
             plan.notes.append(f"{display(layer.node)}: {layer.flushed} folded value(s) became subnormal and were flushed to zero")

@@ -51,6 +51,14 @@ class Refusal(Exception):
         self.reason = SkipReason(code, message)
 
 
+class Later(Refusal):
+    """A pattern whose neighbours must fold first: the pass plans this chain again after the rest of its graph.
+
+    A RepVGG block exported as ``BN(x), Conv1(x)→BN, Conv3(x)→BN, Add, Add`` meets its identity BatchNorm
+    before the branch BatchNorms that fold into the convs. The second time, a `Later` is the refusal it carries.
+    """
+
+
 def refuse(code: Reason, message: str) -> NoReturn:
     """Stop planning this rule for this chain; the pass records `code` and `message` (with its hint)."""
     raise Refusal(code, message)
@@ -163,6 +171,7 @@ class Fold:
     chain: Chain
     site: Site
     layers: list[LayerPlan]
+    notes: list[str] = field(default_factory=list)  # for the report ("3 branches → 1 Conv (conv)")
 
     @property
     def flushed(self) -> int:
