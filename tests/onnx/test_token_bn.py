@@ -248,7 +248,9 @@ EXPORTERS = {
 }
 
 
-def torch_export(tmp_path, exporter: str, bias: bool, n: int, l: int, k: int, c: int, seed: int) -> onnx.ModelProto:
+def torch_export(
+    tmp_path, exporter: str, bias: bool, n: int, l: int, k: int, c: int, seed: int, dynamic: bool = False
+) -> onnx.ModelProto:
     torch = pytest.importorskip("torch")
     if exporter.startswith("dynamo"):
         pytest.importorskip("onnxscript")
@@ -272,7 +274,12 @@ def torch_export(tmp_path, exporter: str, bias: bool, n: int, l: int, k: int, c:
     path = tmp_path / f"{exporter}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(block, (torch.randn(n, l, k),), str(path), **EXPORTERS[exporter])
+        kw = dict(EXPORTERS[exporter])
+        if dynamic and exporter.startswith("dynamo"):
+            kw["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+        elif dynamic:
+            kw.update(input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+        torch.onnx.export(block, (torch.randn(n, l, k),), str(path), **kw)
     m = onnx.load(str(path))
     assert [n.op_type for n in m.graph.node].count("BatchNormalization") == 1
     return m
@@ -290,6 +297,21 @@ def test_torch_exports_fold(tmp_path, exporter: str, bias: bool) -> None:
 def test_torch_exports_other_shape(tmp_path, exporter: str) -> None:
     m = torch_export(tmp_path, exporter, True, n=3, l=7, k=12, c=20, seed=8)
     assert_token_fold(m, np.random.default_rng(9))
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+def test_torch_exports_with_a_dynamic_batch(tmp_path, exporter: str) -> None:
+    """dynamo optimize=False computes the flatten target at run time from Shape(x): proved by the BN."""
+    m = torch_export(tmp_path, exporter, True, n=2, l=5, k=16, c=32, seed=10, dynamic=True)
+    out, report = fold_onnx(m)
+    assert [c.rule for c in report.candidates] == [RULE] and report.folded == 1, str(report)
+    assert "BatchNormalization" not in op_types(out)
+    assert_valid(out)
+    rng = np.random.default_rng(11)
+    name = m.graph.input[0].name
+    for batch in (1, 3):
+        x = {name: rand((batch, 5, 16), rng)}
+        assert rel_err(run(m, x)[0], run(out, x)[0]) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,14 +348,31 @@ def test_reshape_target_that_merges_the_feature_axis_is_a_shape_mismatch() -> No
     assert "[2, -1]" in assert_refused(m, Reason.SHAPE_MISMATCH)
 
 
-def test_runtime_reshape_target_is_not_constant() -> None:
-    rng = np.random.default_rng(22)
-    m = token_model(rng, flat="minus1", back=False)
+def runtime_target_model(rng: np.random.Generator, target_len: int | None) -> onnx.ModelProto:
+    """The Reshape's target is a graph input (computed at run time), of static length `target_len`."""
+    m = token_model(rng, bias="add", flat="minus1", back=False, dynamic_batch=True)
     g = m.graph
     del g.initializer[[t.name for t in g.initializer].index("target")]
-    g.input.append(helper.make_tensor_value_info("target", onnx.TensorProto.INT64, [2]))
+    g.input.append(helper.make_tensor_value_info("target", onnx.TensorProto.INT64, [target_len]))
     onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_runtime_reshape_target_of_unknown_length_is_not_constant() -> None:
+    m = runtime_target_model(np.random.default_rng(22), None)
     assert "shape" in assert_refused(m, Reason.NOT_CONSTANT)
+
+
+def test_runtime_reshape_target_of_length_2_is_proved_by_the_batchnorm() -> None:
+    """Rank 2, and the BN requires axis 1 to be C long: wherever the original runs, the fold is exact."""
+    rng = np.random.default_rng(22)
+    m = runtime_target_model(rng, 2)
+    out, report = fold_onnx(m)
+    assert [c.rule for c in report.candidates] == [RULE] and report.folded == 1
+    assert_valid(out)
+    for batch in (1, 3):
+        x = {"x": rand((batch, 5, 8), rng), "target": np.array([-1, 6], np.int64)}
+        assert rel_err(run(m, x)[0], run(out, x)[0]) <= 1e-5
 
 
 def test_weight_that_is_a_graph_input_is_not_constant() -> None:

@@ -25,6 +25,12 @@ none is a graph output (``other-consumer`` / ``graph-output``); the Reshape/Flat
 dimension is C (``b = C``; ``b = −1`` with the total size static; ``b = 0`` copying a static dimension
 when ``allowzero = 0``) — anything else, such as a target that merges the feature axis, is
 ``shape-mismatch``.
+
+A target computed at run time (dynamo with a dynamic batch: ``Concat(Mul(Shape(x)…), [C])``) is proved
+by the chain instead, when the target's length is statically 2 and the chain has exactly C channels
+(BatchNorm parameters of length C): the output is then rank 2, and BatchNormalization requires its
+axis 1 to be as long as its parameters, so wherever the original model runs that axis is C. Otherwise
+``not-constant``.
 """
 
 from __future__ import annotations
@@ -117,13 +123,13 @@ class TokenBatchNorm(Rule):
             if bm is None or bm.ndim != 2:
                 refuse(Reason.SHAPE_MISMATCH, f"Gemm '{display(layer)}' B is not a constant matrix")
             c = bm.shape[0] if int(layer.attrs.get("transB", 0)) else bm.shape[1]
-            _prove_features_on_axis_1(site.reshape, c, ctx)
+            _prove_features_on_axis_1(site.reshape, c, chain.affine.channels, ctx)
             return Fold(self, chain, site, [GemmIntoProducer().values(layer, chain.affine, ctx)])
         w = ctx.const(layer, 1, "weight")
         if w is None or w.ndim != 2:
             refuse(Reason.SHAPE_MISMATCH, f"MatMul '{display(layer)}' weight is not a constant rank-2 [K, C] matrix")
         c = w.shape[1]
-        _prove_features_on_axis_1(site.reshape, c, ctx)
+        _prove_features_on_axis_1(site.reshape, c, chain.affine.channels, ctx)
         a = fit(chain.affine, c, layer)
         if site.bias_add is None:
             nw, bias = A.fold_into_matmul(w, None, a)
@@ -189,8 +195,11 @@ def _per_feature(b: np.ndarray, c: int) -> np.ndarray | None:
     return np.broadcast_to(b.reshape(-1), (c,))
 
 
-def _prove_features_on_axis_1(node: gs.Node, c: int, ctx: PlanContext) -> None:
-    """Refuse unless `node` (Reshape/Flatten) provably turns [..., c] into [M, c] (the last axis kept as axis 1)."""
+def _prove_features_on_axis_1(node: gs.Node, c: int, channels: int, ctx: PlanContext) -> None:
+    """Refuse unless `node` (Reshape/Flatten) provably turns [..., c] into [M, c] (the last axis kept as axis 1).
+
+    ``channels``: how many channels the chain after it has (its BatchNorm's parameter length).
+    """
     z = node.inputs[0]
     shape = ctx.static_shape(z)
     rank = ctx.rank_of(z)
@@ -210,6 +219,9 @@ def _prove_features_on_axis_1(node: gs.Node, c: int, ctx: PlanContext) -> None:
                 f"axis 1 (that needs axis={rank - 1})",
             )
         return
+    if len(node.inputs) > 1 and not ctx.resolver.resolve(node.inputs[1]).ok:
+        if ctx.static_shape(node.inputs[1]) == [2] and channels == c:
+            return  # rank 2, and the BatchNorm itself requires axis 1 to be c long (see the module docstring)
     target = ctx.const(node, 1, "shape")
     t = [int(v) for v in np.asarray(target).reshape(-1)] if target is not None else []
     if len(t) != 2:
