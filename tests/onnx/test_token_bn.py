@@ -314,6 +314,49 @@ def test_torch_exports_with_a_dynamic_batch(tmp_path, exporter: str) -> None:
         assert rel_err(run(m, x)[0], run(out, x)[0]) <= 1e-5
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_torch_levit_like_stack_folds_every_batchnorm(tmp_path, exporter: str) -> None:
+    """Several LinearNorm blocks (Linear → BN1d over tokens), a residual and an activation between them."""
+    torch = pytest.importorskip("torch")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+
+    class LinearNorm(torch.nn.Module):
+        def __init__(self, k: int, c: int) -> None:
+            super().__init__()
+            self.l, self.bn = torch.nn.Linear(k, c, bias=False), torch.nn.BatchNorm1d(c)
+
+        def forward(self, x):
+            y = self.l(x)
+            return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = LinearNorm(16, 48), LinearNorm(48, 16), LinearNorm(16, 24)
+
+        def forward(self, x):
+            x = x + self.b(torch.nn.functional.hardswish(self.a(x)))
+            return self.c(x)
+
+    torch.manual_seed(12)
+    net = Stack().eval()
+    rng = np.random.default_rng(12)
+    with torch.no_grad():
+        for block in (net.a, net.b, net.c):
+            stats = trained_stats(block.bn.num_features, rng)
+            for name, key in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var")):
+                getattr(block.bn, name).copy_(torch.from_numpy(stats[key]))
+    path = tmp_path / "stack.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 7, 16),), str(path), **EXPORTERS[exporter])
+    m = onnx.load(str(path))
+    assert op_types(m).count("BatchNormalization") == 3
+    out, report = fold_and_verify(m, rng, folds=3)
+    assert [c.rule for c in report.candidates] == [RULE] * 3
+
+
 # ---------------------------------------------------------------------------------------------
 # refusals
 # ---------------------------------------------------------------------------------------------
