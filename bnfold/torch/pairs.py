@@ -42,7 +42,7 @@ from bnfold.torch.kinds import (
     out_channels,
     spatial_dims,
 )
-from bnfold.torch.rest import RestError, without_batchnorm
+from bnfold.torch.rest import RestError, asserted_rank, without_batchnorm
 
 
 @dataclass
@@ -168,7 +168,7 @@ def _check_call(p: Pairing, graph: SiteGraph) -> bool:
         _refuse(p, Reason.UNSUPPORTED, f"{label} ({c.op}): eps is not a constant")
         return False
     if p.bn is None:
-        owner = c.owner or "several modules"
+        owner = "the model's root module" if c.owner == "" else (c.owner or "several modules")
         _refuse(
             p,
             Reason.UNSUPPORTED,
@@ -290,7 +290,7 @@ def _pair_direct(p: Pairing, graph: SiteGraph, producers: list[ModuleInfo]) -> N
         value = graph.sites[idx].inputs[0]
         shape = graph.shapes.get(value)
         if shape is None:
-            if p.bn is not None and enforced_rank(p.bn.module) == want_rank and prod.kind != "linear":
+            if p.bn is not None and _enforced_rank(p.bn) == want_rank and prod.kind != "linear":
                 continue
             _refuse(
                 p,
@@ -314,6 +314,11 @@ def _pair_direct(p: Pairing, graph: SiteGraph, producers: list[ModuleInfo]) -> N
             return
         if not _frozen_ok(p, shape):
             return
+
+
+def _enforced_rank(bn: ModuleInfo) -> int | None:
+    """The input rank the BatchNorm's forward insists on: torch's class check, or a subclass's own assertion."""
+    return asserted_rank(bn.module) if bn.kind == "subclass" else enforced_rank(bn.module)
 
 
 def _frozen_ok(p: Pairing, shape: tuple[int, ...]) -> bool:

@@ -18,6 +18,7 @@ that fx cannot trace, or that normalises more than once, is left with a reason.
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 
 import torch
@@ -77,6 +78,35 @@ def without_batchnorm(module: nn.Module, name: str, call: BnCall) -> nn.Module:
             return nn.Identity()
         return nn.Sequential(OrderedDict((target, module.get_submodule(target)) for target in chain))
     return fx.GraphModule(module, graph, f"{type(module).__name__}WithoutBatchNorm")
+
+
+def asserted_rank(module: nn.Module) -> int | None:
+    """The input rank ``module``'s forward asserts (``torch._assert(x.ndim == 4, …)``, as timm's BatchNormAct2d), or None.
+
+    Like BatchNorm2d's own check, such an assertion proves that the input is batched, so that axis 1 is
+    the producer's channel axis, without traced shapes.
+    """
+    try:
+        graph = _ChildrenWhole(module).trace(module)
+    except Exception:
+        return None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target is not torch._assert or not n.args:
+            continue
+        cond = n.args[0]
+        if isinstance(cond, fx.Node) and cond.target is operator.eq and len(cond.args) == 2:
+            lhs, rhs = cond.args
+            if (
+                isinstance(lhs, fx.Node)
+                and lhs.target is getattr
+                and lhs.args[1] in ("ndim",)
+                and placeholders
+                and lhs.args[0] is placeholders[0]
+                and isinstance(rhs, int)
+            ):
+                return rhs
+    return None
 
 
 def _same_call(node: fx.Node, name: str, call: BnCall, cls: str) -> None:
