@@ -21,6 +21,7 @@ original itself and only the dtype's floor can excuse it; the report says which 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,9 @@ def measure_before(model: nn.Module, args: tuple) -> Before:
     """Run the original, and a float64 deep copy of it, on ``args`` (before anything is written)."""
     outputs = _run(model, args)
     try:
-        wide = copy.deepcopy(model).to(torch.float64)
+        with warnings.catch_warnings():  # torch's pytree deprecation, raised when copying a program's TreeSpecs
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            wide = copy.deepcopy(model).to(torch.float64)
         exact = _run(wide, torch.utils._pytree.tree_map(_widen, args))
         del wide
     except Exception as exc:  # a module without float64 kernels, a dtype-pinned forward, …
