@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from bnfold.torch.kinds import ModuleInfo
+from bnfold.torch.kinds import ModuleInfo, bn_kind
 
 STATE = ("weight", "bias", "running_mean", "running_var")
 
@@ -196,8 +198,36 @@ def fx_leaves(infos: dict[int, ModuleInfo]) -> set[int]:
 def trace_fx(model: nn.Module, infos: dict[int, ModuleInfo]) -> fx.GraphModule:
     """Symbolically trace ``model``; raises whatever fx raises when the forward is not traceable."""
     tracer = _LeafTracer(fx_leaves(infos))
-    graph = tracer.trace(model)
+    with rank_checks_skipped(model):
+        graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _no_check(_input: Any) -> None:
+    return None
+
+
+@contextmanager
+def rank_checks_skipped(model: nn.Module) -> Iterator[None]:
+    """While tracing, BatchNorm subclasses skip ``_check_input_dim`` (only on these instances, undone after).
+
+    A subclass whose forward calls ``super().forward(x)`` runs torch's ``if input.dim() != 4: raise``,
+    which fx cannot trace (a traced value in Python control flow). The check computes nothing, so the
+    trace is the same function without it; ranks are then proven by traced shapes, never by the check.
+    """
+    patched = []
+    for m in model.modules():
+        if bn_kind(m) == "subclass":
+            patched.append((m, m.__dict__.get("_check_input_dim")))
+            m.__dict__["_check_input_dim"] = _no_check
+    try:
+        yield
+    finally:
+        for m, old in patched:
+            if old is None:
+                del m.__dict__["_check_input_dim"]
+            else:
+                m.__dict__["_check_input_dim"] = old
 
 
 def propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:

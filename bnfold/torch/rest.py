@@ -24,7 +24,7 @@ from collections import OrderedDict
 import torch
 from torch import fx, nn
 
-from bnfold.torch.graph import STATE, BnCall, _FX_BN_FUNCTIONS, _bind
+from bnfold.torch.graph import _FX_BN_FUNCTIONS, STATE, BnCall, _bind, rank_checks_skipped
 
 
 class RestError(Exception):
@@ -34,7 +34,7 @@ class RestError(Exception):
 class _ChildrenWhole(fx.Tracer):
     """Trace only the root's own forward; every child module is one call."""
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(self, root: nn.Module | None = None) -> None:  # no-argument form: fx re-creates it to unpickle
         super().__init__()
         self._root = root
 
@@ -50,7 +50,8 @@ def without_batchnorm(module: nn.Module, name: str, call: BnCall) -> nn.Module:
     """
     tracer = _ChildrenWhole(module)
     try:
-        graph = tracer.trace(module)
+        with rank_checks_skipped(module):
+            graph = tracer.trace(module)
     except Exception as exc:
         raise RestError(
             f"torch.fx cannot trace {type(module).__name__}.forward ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}), "
@@ -87,7 +88,8 @@ def asserted_rank(module: nn.Module) -> int | None:
     the producer's channel axis, without traced shapes.
     """
     try:
-        graph = _ChildrenWhole(module).trace(module)
+        with rank_checks_skipped(module):
+            graph = _ChildrenWhole(module).trace(module)
     except Exception:
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

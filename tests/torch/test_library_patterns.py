@@ -230,3 +230,27 @@ def test_half_precision_is_judged_against_float64(dtype):
     assert report.folded == 14
     note = next(n for n in report.notes if n.startswith("checked"))
     assert "float64 copy" in note and "equivalent" in note
+
+
+class BNReLU(nn.BatchNorm2d):
+    """A subclass whose forward calls ``super().forward``: torch's rank check is Python control flow for fx."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_subclass_calling_super_forward_folds_and_pickles():
+    import io
+
+    torch.manual_seed(2)
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), BNReLU(4), nn.Conv2d(4, 4, 1), BNReLU(4)), (2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = bnfold.fold_torch(model, (x,))
+    assert report.analysis == "torch.fx" and report.folded == 2 == count_batchnorm_ops(model, x), str(report)
+    assert count_batchnorm_ops(folded, x) == 0
+    assert "_check_input_dim" not in model[1].__dict__ and "_check_input_dim" not in folded[2].__dict__
+    buf = io.BytesIO()
+    torch.save(folded, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    outputs_close(model, again, x)
