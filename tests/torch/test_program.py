@@ -42,7 +42,7 @@ def _bn_state(ep) -> list[str]:
     [
         (TinyResNet, (2, 3, 16, 16), 0, False),
         (TinyResNet, (2, 3, 16, 16), 0, True),  # _native_batch_norm_legit_no_training + getitem, aten.convolution
-        (EfficientNetLike, (2, 3, 32, 32), 0, False),
+        (EfficientNetLike, (2, 3, 16, 16), 0, False),
         (MixNetLike, (2, 3, 16, 16), 1, False),
         (ConcatReused, (2, 3, 8, 8), 1, False),
     ],
@@ -61,7 +61,7 @@ def test_program_folds_and_counts(cls, shape, left, decomposed):
 
 
 def test_program_without_bias_gets_a_bias_parameter_and_sheds_bn_state(tmp_path):
-    _, ep, x = _program(EfficientNetLike, (2, 3, 32, 32))
+    _, ep, x = _program(EfficientNetLike, (2, 3, 16, 16))
     folded, report = bnfold.fold_torch(ep)  # the program's own example inputs are used for the check
     assert report.left == 0 and _bn_state(folded) == []
     assert "conv_stem.bias" in folded.state_dict and "bn1.weight" not in folded.state_dict
