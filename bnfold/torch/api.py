@@ -45,6 +45,8 @@ def fold_torch(
     if isinstance(model, torch.export.ExportedProgram):
         from bnfold.torch.program import fold_program
 
+        if inplace:
+            raise UsageError("an ExportedProgram is folded into a new program; inplace=True applies to nn.Module only")
         return fold_program(model, example_inputs)
     if not isinstance(model, nn.Module):
         raise UsageError(f"fold_torch expects a torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")

@@ -123,6 +123,7 @@ def _plan(
     aliases: dict[int, list[str]],
     shared: dict[int, list[str]],
 ) -> None:
+    """Plan one pairing in place: the call, then a producer, else a consumer, then the modules, then a subclass's rest."""
     if not _check_call(p, graph):
         return
     _pair_producer(p, graph, by_name)

@@ -81,3 +81,11 @@ def test_program_token_bn_and_left_reasons():
     assert by["ln1.bn"].status is Status.FOLDED and by["ln1.bn"].target == "ln1.linear"
     assert by["head.bn"].reasons[0].code is Reason.NO_LINEAR_NEIGHBOUR  # into a consumer: module path only
     assert report.left == count_batchnorm_ops(folded.module(), x) == 1
+
+
+def test_program_inplace_is_a_usage_error():
+    from bnfold.errors import UsageError
+
+    _, ep, x = _program(TinyResNet, (2, 3, 16, 16))
+    with pytest.raises(UsageError, match="new program"):
+        bnfold.fold_torch(ep, (x,), inplace=True)
