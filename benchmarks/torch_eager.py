@@ -1,12 +1,19 @@
-"""Eager CPU latency of a ResNet-50-size model, folded by `bnfold.fold_torch` versus the original.
+"""Eager CPU latency: the original, `bnfold.fold_torch`'s fold, and `torch.fx.experimental.optimization.fuse`.
 
-The model is built here (Bottleneck blocks [3, 4, 6, 3], ~25.6M parameters, 53 BatchNorms): nothing is
-downloaded, torchvision is not needed. The two models run interleaved (A B A B …) after a warm-up, so
-drifting clocks and caches hit both alike; the thread count is fixed and printed. Prints the config and
-a Markdown table of medians with p10/p90.
+Models are built here, nothing is downloaded, torchvision is not needed:
 
-    python benchmarks/torch_eager.py                # batch 1, 224×224, 30 runs each, 2 threads
-    python benchmarks/torch_eager.py --repeats 10 --threads 1
+* ``resnet50``: Bottleneck blocks [3, 4, 6, 3], ~25.6M parameters, 53 BatchNorm2d;
+* ``efficientnet``: MBConv blocks whose BatchNorms are timm-style ``BatchNormAct2d`` (a BatchNorm2d
+  subclass with its own forward; `tests/torch/library_models.py`): fx ``fuse`` matches only
+  Conv→BatchNorm module pairs, so it folds none of them.
+
+fx ``fuse`` is timed where fx can trace the model (it returns an ``fx.GraphModule``, not the user's
+class). The models run interleaved (A B C A B C …) after a warm-up, so drifting clocks and caches hit
+all alike; the thread count is fixed and printed. Prints the config and a Markdown table of medians
+with p10/p90, and bnfold's median against fx fuse's. A script, not a timed test.
+
+    python benchmarks/torch_eager.py                # resnet50, batch 1, 224×224, 30 runs each, 2 threads
+    python benchmarks/torch_eager.py --model efficientnet --repeats 10 --threads 1
 """
 
 from __future__ import annotations
@@ -84,6 +91,46 @@ def build(seed: int) -> nn.Module:
     return model.eval()
 
 
+def build_efficientnet(seed: int) -> nn.Module:
+    """An EfficientNet-like net of timm-style BatchNormAct2d layers with trained-like statistics."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.torch.library_models import EfficientNetLike, trained_like
+
+    torch.manual_seed(seed)
+    return trained_like(EfficientNetLike(width=32, blocks=8, classes=1000), (2, 3, 64, 64), seed=seed)
+
+
+def fx_fuse(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """``torch.fx.experimental.optimization.fuse`` on a copy, or None and why fx cannot."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(model, inplace=False)
+    except Exception as exc:  # fx cannot trace the forward
+        return None, f"fx fuse failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return fused, f"fx fuse: returns {type(fused).__name__}"
+
+
+def batchnorm_ops(model: nn.Module, x: torch.Tensor) -> int:
+    """BatchNorm ops that run in ``model(x)``, counted at the dispatch level."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "batch_norm" in func.__name__:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Count():
+        model(x)
+    return Count.n
+
+
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     k = (len(s) - 1) * q
@@ -93,6 +140,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("resnet50", "efficientnet"), default="resnet50")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=30, help="timed runs of each model")
@@ -104,43 +152,51 @@ def main() -> None:
     import bnfold
 
     torch.set_num_threads(args.threads)
-    original = build(args.seed)
+    original = build(args.seed) if args.model == "resnet50" else build_efficientnet(args.seed)
     x = torch.randn(args.batch, 3, args.size, args.size)
     folded, report = bnfold.fold_torch(original, (x,))
+    fused, fuse_words = fx_fuse(original)
     with torch.inference_mode():
-        ref, got = original(x), folded(x)
+        ref = original(x)
+        got = folded(x)
     max_diff = float((ref - got).abs().max())
     scale = float(ref.abs().max())
 
-    models = {"original": original, "folded": folded}
+    models = {"original": original, "bnfold": folded}
+    if fused is not None:
+        models["fx fuse"] = fused
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for _ in range(args.warmup):
             for m in models.values():
                 m(x)
         for _ in range(args.repeats):
-            for name, m in models.items():  # interleaved: A B A B …
+            for name, m in models.items():  # interleaved: A B C A B C …
                 t0 = time.perf_counter()
                 m(x)
                 times[name].append((time.perf_counter() - t0) * 1e3)
 
     params = sum(p.numel() for p in original.parameters())
     print("## Config\n")
-    print(f"- model: ResNet-50 built in the script, {params / 1e6:.2f}M parameters, {report.found} BatchNorm2d")
-    print(f"- fold: {report.folded} folded, {report.left} left, {report.seconds:.2f}s ({report.analysis})")
+    print(f"- model: {args.model} built in the script, {params / 1e6:.2f}M parameters, {report.found} BatchNorm calls")
+    print(f"- bnfold: {report.folded} folded, {report.left} left, {report.seconds:.2f}s ({report.analysis}), class {type(folded).__name__}")
+    print(f"- {fuse_words}" + (f", {batchnorm_ops(fused, x)} BatchNorm ops still run" if fused is not None else ""))
+    print(f"- BatchNorm ops that run: original {batchnorm_ops(original, x)}, bnfold {batchnorm_ops(folded, x)}")
     print(f"- input: {args.batch}×3×{args.size}×{args.size} float32, eager, torch.inference_mode()")
     print(f"- torch {torch.__version__}, threads {torch.get_num_threads()} (torch.set_num_threads), "
           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
-    print(f"- runs: {args.warmup} warm-up + {args.repeats} timed per model, interleaved A B A B")
-    print(f"- folded vs original output: max abs diff {max_diff:.3g} (output max {scale:.3g})\n")
+    print(f"- runs: {args.warmup} warm-up + {args.repeats} timed per model, interleaved")
+    print(f"- bnfold vs original output: max abs diff {max_diff:.3g} (output max {scale:.3g})\n")
     print("| model | median ms | p10 ms | p90 ms |")
     print("|---|---:|---:|---:|")
     for name in models:
         t = times[name]
         print(f"| {name} | {statistics.median(t):.2f} | {percentile(t, 0.1):.2f} | {percentile(t, 0.9):.2f} |")
-    speedup = statistics.median(times["original"]) / statistics.median(times["folded"])
-    print(f"\nspeed-up (median original / median folded): {speedup:.2f}×")
-
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nspeed-up over the original (median): bnfold {med['original'] / med['bnfold']:.2f}×"
+          + (f", fx fuse {med['original'] / med['fx fuse']:.2f}×" if "fx fuse" in med else ""))
+    if "fx fuse" in med:
+        print(f"bnfold median / fx fuse median: {med['bnfold'] / med['fx fuse']:.3f} (≤ 1: bnfold's fold is not slower)")
 
 if __name__ == "__main__":
     main()

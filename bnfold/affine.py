@@ -217,6 +217,31 @@ def fold_into_matmul_input(b_matrix, bias, a: Affine) -> tuple[np.ndarray, np.nd
     return bm * a.scale[:, None], b
 
 
+def repeat_channels(a: Affine, repeat: int) -> Affine:
+    """The map on ``[N, C·r]`` features when each of C channels is flattened with ``r`` positions after it.
+
+    ``[N, C, H, W] → flatten(1) → [N, C·H·W]``: feature ``c·H·W + p`` belongs to channel ``c``, so each
+    channel's ``(s, t)`` repeats ``H·W`` times in a row.
+    """
+    return Affine(np.repeat(a.scale, repeat), np.repeat(a.shift, repeat), list(a.notes))
+
+
+def channel_slice(a: Affine, start: int, stop: int) -> Affine:
+    """Channels ``start:stop`` of the map: the part of a BatchNorm after a concat that one input produced."""
+    return Affine(a.scale[start:stop].copy(), a.shift[start:stop].copy(), list(a.notes))
+
+
+def fold_into_linear_input(weight, bias, a: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """Linear ``y = x·Wᵀ + b`` (W ``[out, in]``) fed by an affine map on its input features.
+
+    ``W' = W·diag(s)``, ``b' = b + W·t``: a Linear adds no padding, so this is always exact.
+    """
+    w = as_f64(weight)
+    extra = w @ a.shift
+    b = extra if bias is None else as_f64(bias).reshape(-1) + extra
+    return w * a.scale[None, :], b
+
+
 # ---------------------------------------------------------------------------------------------
 # Rounding back, once.
 # ---------------------------------------------------------------------------------------------

@@ -57,10 +57,18 @@ def out_channels(m: nn.Module) -> int:
 
 
 def bn_kind(m: nn.Module) -> str | None:
-    """'batchnorm' for torch's BatchNorm1d/2d/3d/SyncBatchNorm, 'frozen' for a FrozenBatchNorm2d, else None."""
+    """What kind of BatchNorm ``m`` is, or None.
+
+    'batchnorm': torch's BatchNorm1d/2d/3d/SyncBatchNorm (or a subclass keeping their forward);
+    'subclass': a BatchNorm subclass with its own ``forward`` (timm's ``BatchNormAct2d``: normalise, then
+    dropout and an activation), whose BatchNorm call is found in the traced graph, not assumed;
+    'frozen': a FrozenBatchNorm2d.
+    """
     for base in _BN:
         if _unmodified(m, base, ("forward",)):
             return "batchnorm"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "subclass"
     if looks_frozen(m):
         return "frozen"
     return None
@@ -150,7 +158,7 @@ class ModuleInfo:
     name: str
     module: nn.Module
     role: str  # "producer" | "batchnorm"
-    kind: str  # conv | conv_transpose | linear | batchnorm | frozen
+    kind: str  # conv | conv_transpose | linear | batchnorm | subclass | frozen
 
     @property
     def class_name(self) -> str:
