@@ -37,6 +37,7 @@ Examples:
     show_default=True,
     help="Tensors in MODEL.data beside the output: auto = as the input had them, or when over 2 GB.",
 )
+@click.option("--force", is_flag=True, help="Overwrite a .data file bnfold did not write (or the input's own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @one_line_errors
@@ -47,6 +48,7 @@ def fold(
     verify: bool,
     assume_constant: bool,
     external_data: str,
+    force: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -77,7 +79,7 @@ def fold(
     external = {"always": True, "never": False}.get(external_data)  # None: as the input had it
     try:
         report = fold_file(model, target, assume_constant=assume_constant, external_data=external,
-                           before_commit=verify_before_commit)
+                           before_commit=verify_before_commit, force=force)
     except VerificationError:
         _emit(reports[-1], checked[-1], as_json, quiet=False, written=None)
         click.echo(f"bnfold: verification failed; nothing written to {target}", err=True)

@@ -52,6 +52,7 @@ def fold_file(
     assume_constant: bool = False,
     external_data: bool | None = None,
     before_commit: Callable[[str, FoldReport], None] | None = None,
+    force: bool = False,
 ) -> FoldReport:
     """Fold a model file into another file, in bounded memory, atomically. What `bnfold fold` runs.
 
@@ -59,21 +60,30 @@ def fold_file(
     folded weights of an inline model are written from numpy straight into the file, never copied into
     a second protobuf. ``external_data``: None keeps the input's layout (external when over 2 GB).
     ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place (the
-    command verifies there); if it raises, nothing is written.
+    command verifies there); if it raises, nothing is written. A symlink as target writes the file it
+    points to. The input's own data file, or a data file no bnfold output wrote, is overwritten only
+    with ``force`` (`io.data_file_name`). Temporary files are removed on SIGTERM/SIGHUP/SIGINT.
     """
     from contextlib import nullcontext
 
+    from bnfold import files
+
     original, had_external = io.load_model_and_layout(source, load_data=False)
-    target_path = io.check_writable(target)
     external = (had_external or None) if external_data is None else external_data
+    in_place = os.path.exists(target) and os.path.samefile(source, target)
+    protect = set() if in_place else io.external_data_files(original, Path(source), absolute=False)
+    target_path = io.check_writable(target, external_data=external, protect=protect, force=force)
     pending: dict[str, np.ndarray] = {}
-    spill_ctx = tempfile.TemporaryDirectory(prefix=".bnfold-spill-", dir=target_path.parent) if had_external else nullcontext(None)
-    with spill_ctx as spill:
-        folded, report = _fold_model(
-            original, assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True
-        )
-        hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
-        io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook, pending=pending)
+    with files.removing_temps_on_signals():
+        spill_ctx = (tempfile.TemporaryDirectory(prefix=files.TEMP_PREFIX + "spill-", dir=target_path.parent)
+                     if had_external else nullcontext(None))
+        with spill_ctx as spill:
+            folded, report = _fold_model(
+                original, assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True
+            )
+            hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
+            io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook,
+                          pending=pending, protect=protect, force=force)
     return report
 
 
