@@ -427,9 +427,10 @@ def data_file_name(
 
     The two-file commit needs a name the model now at `target` does not read, so that the old pair stays
     whole until the model itself is replaced: ``<name>.data``, or ``<name>.1.data`` when the existing output
-    reads the first. A file already there under the chosen name is replaced only with ``force``: it is
-    either one the input model reads (``protect``: overwriting it would break the input) or one that no
-    bnfold output at `target` reads — an unrelated file bnfold cannot know to be disposable.
+    reads the first. A file already there under the chosen name is replaced without ``force`` only when
+    bnfold wrote it (it starts with `DATA_MAGIC`: debris of a commit cut short by SIGKILL, say) and the
+    input does not read it. Otherwise it is one the input model reads (``protect``: overwriting it would
+    break the input) or someone else's file bnfold cannot know to be disposable.
     """
     old = referenced_data(target) if old_refs is None else old_refs
     parent = target.parent
@@ -445,9 +446,24 @@ def data_file_name(
         return name
     if os.path.realpath(candidate) in protect:
         raise OutputError(f"{candidate}: is external data the input model reads; refusing to overwrite it (--force overwrites)")
+    if stat.S_ISREG(st.st_mode) and _written_by_bnfold(candidate):
+        return name  # left by an interrupted commit of bnfold's (or an output since replaced): disposable
     raise OutputError(
         f"{candidate}: exists and no bnfold output at {target.name} reads it; refusing to overwrite it (--force overwrites)"
     )
+
+
+DATA_MAGIC = b"bnfold external data\n"
+"""The first bytes of every data file bnfold writes (its tensors start at 4096, past the padding): how a
+later run knows a data file with no model reading it as debris of its own rather than someone's weights."""
+
+
+def _written_by_bnfold(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(DATA_MAGIC)) == DATA_MAGIC
+    except OSError:
+        return False
 
 
 def save_model(
@@ -526,8 +542,14 @@ def _commit(
     parent = target.parent
     written: list[Path] = []
     data_ok = tmp_data is not None and os.path.exists(tmp_data)
+    owner = os.stat(target) if target.exists() else None
     for f in ([tmp_data] if data_ok else []) + [tmp_model]:
         os.chmod(f, mode)
+        if owner is not None:  # in place as root: the file stays its owner's (elsewhere chown is refused)
+            try:
+                os.chown(f, owner.st_uid, owner.st_gid)
+            except OSError:
+                pass
         _fsync(f)
     with files.signals_blocked():
         new_data = None
@@ -584,6 +606,7 @@ def _write_with_external_data(
     restore: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, int, int, bool]] = []
     data_path = os.path.join(os.path.dirname(tmp_model), data_name)
     with open(data_path, "wb") as out:
+        out.write(DATA_MAGIC)  # tensors are page-aligned, so they start at 4096 all the same
         for tensor in ext._get_all_tensors(model):
             if pending and _is_stand_in(tensor, pending):
                 offset = _align(out)

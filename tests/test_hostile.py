@@ -1,0 +1,529 @@
+"""Issue 12: untrusted models and hostile file systems, one test per case the review found.
+
+Every hostile model is built here, in the test's own folder; no real /dev node is touched (a private
+character device is made with `os.mknod` where the platform lets us, else the test is skipped). Cases that
+could hang or exhaust memory on a regression run in a subprocess with a timeout and a 3 GB address-space
+limit, so a regression fails the test instead of the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from bnfold import files
+from bnfold.cli import main
+from bnfold.errors import EXIT_USAGE, InputError, OutputError
+from bnfold.onnx import io
+from bnfold.onnx.api import fold_file
+from tests.builders import bn_inits, bn_node, conv_bn_relu, init, model
+
+SECRET = b"TOKEN=hunter2-do-not-leak\n"
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line(result, code: int = EXIT_USAGE, needle: str = "") -> str:
+    text = result.output.strip()
+    assert result.exit_code == code, text
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert len(text.splitlines()) == 1 and "Traceback" not in text, text
+    assert needle in text, text
+    return text
+
+
+def debris(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if files.is_bnfold_temp(p.relative_to(folder)))
+
+
+def point_external(m: onnx.ModelProto, name: str, location: str, length: int | None = None) -> None:
+    """Make initializer `name` an external reference to `location` (no data inline)."""
+    t = next(t for t in m.graph.initializer if t.name == name)
+    nbytes = len(onnx.numpy_helper.to_array(t).tobytes())
+    t.ClearField("raw_data")
+    del t.float_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length if length is not None else nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Secret leak through external data
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def leaky(tmp_path: Path) -> Path:
+    """A model whose conv bias is `sub/secret.txt`, `sub` a symlinked folder leading out of the model's folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(SECRET[:16])
+    folder = tmp_path / "models"
+    folder.mkdir()
+    os.symlink(outside, folder / "sub")
+    m = conv_bn_relu(np.random.default_rng(0))
+    point_external(m, "conv.b", "sub/secret.txt")
+    onnx.save(m, folder / "m.onnx")
+    return folder / "m.onnx"
+
+
+def _no_secret_written(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink() and "outside" not in p.parts:
+            assert SECRET[:16] not in p.read_bytes(), p
+
+
+def test_symlinked_folder_external_data_refused_by_fold_cli(leaky: Path) -> None:
+    result = cli(leaky, "-o", leaky.parent / "out.onnx", "--no-verify")
+    text = assert_one_line(result, needle="'conv.b'")
+    assert "sub/secret.txt" in text and "outside the model's folder" in text
+    assert not (leaky.parent / "out.onnx").exists()
+    _no_secret_written(leaky.parent)
+
+
+def test_symlinked_folder_external_data_refused_by_fold_file(leaky: Path) -> None:
+    with pytest.raises(InputError, match="conv.b.*sub/secret.txt.*outside"):
+        fold_file(leaky, leaky.parent / "out.onnx")
+    _no_secret_written(leaky.parent)
+
+
+def test_symlinked_folder_external_data_refused_by_check(leaky: Path) -> None:
+    result = cli("check", leaky)
+    assert result.exit_code == EXIT_USAGE
+    assert "outside the model's folder" in result.output and "internal error" not in result.output
+
+
+def test_symlinked_folder_external_data_refused_before_onnxruntime(leaky: Path) -> None:
+    """verify and bench hand paths to onnxruntime, which reads external data by itself."""
+    from bnfold.bench import bench_onnx
+    from bnfold.verify import verify_onnx
+
+    with pytest.raises(InputError, match="outside the model's folder"):
+        verify_onnx(leaky, leaky)
+    with pytest.raises(InputError, match="outside the model's folder"):
+        bench_onnx(leaky, leaky, repeats=1, warmup=0, creations=1)
+    assert_one_line(cli("verify", leaky, leaky), needle="outside the model's folder")
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "file-symlink"])
+def test_other_escapes_stay_refused(tmp_path: Path, how: str) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(SECRET[:16])
+    folder = tmp_path / "models"
+    folder.mkdir()
+    location = {"dotdot": "../secret.txt", "absolute": str(secret), "file-symlink": "link.txt"}[how]
+    if how == "file-symlink":
+        os.symlink(secret, folder / "link.txt")
+    m = conv_bn_relu(np.random.default_rng(0))
+    point_external(m, "conv.b", location)
+    onnx.save(m, folder / "m.onnx")
+    assert_one_line(cli(folder / "m.onnx", "-o", folder / "out.onnx", "--no-verify"), needle="'conv.b'")
+    _no_secret_written(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Special files as output
+# ------------------------------------------------------------------------------------------------
+def _special(tmp_path: Path, kind: str) -> Path:
+    p = tmp_path / f"special-{kind}"
+    if kind == "chardev":
+        try:
+            os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # a private "null" device, in tmp_path
+        except (PermissionError, OSError) as exc:
+            pytest.skip(f"cannot make a device node here: {exc}")
+    elif kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.bind(str(p))
+        except OSError as exc:
+            pytest.skip(f"cannot bind a unix socket here: {exc}")
+        finally:
+            s.close()
+    else:
+        p.mkdir()
+    return p
+
+
+@pytest.mark.parametrize("kind", ["chardev", "fifo", "socket", "directory"])
+def test_output_to_a_special_file_is_refused(tmp_path: Path, kind: str) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu(np.random.default_rng(0)), src)
+    target = _special(tmp_path, kind)
+    mode = os.lstat(target).st_mode
+    assert_one_line(cli(src, "-o", target, "--no-verify"))
+    with pytest.raises(OutputError):
+        fold_file(src, target)
+    assert stat.S_IFMT(os.lstat(target).st_mode) == stat.S_IFMT(mode), "the special file was replaced"
+    assert debris(tmp_path) == []
+
+
+def test_in_place_through_a_symlink_folds_the_target_and_keeps_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "store" / "model.onnx"
+    real.parent.mkdir()
+    onnx.save(conv_bn_relu(np.random.default_rng(0)), real)
+    os.chmod(real, 0o640)
+    link = tmp_path / "link.onnx"
+    os.symlink(real, link)
+    result = cli(link, "--in-place", "--no-verify", "-q")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(real).graph.node]
+    assert stat.S_IMODE(os.stat(real).st_mode) == 0o640
+
+
+def test_in_place_keeps_the_mode_and_a_new_file_gets_the_umask_mode(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu(np.random.default_rng(0)), src)
+    os.chmod(src, 0o640)
+    assert cli(src, "--in-place", "--no-verify", "-q").exit_code == 0
+    assert stat.S_IMODE(os.stat(src).st_mode) == 0o640
+    old = os.umask(0o027)
+    try:
+        assert cli(src, "-o", tmp_path / "new.onnx", "--no-verify", "-q").exit_code == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.onnx").st_mode) == 0o640  # 0666 & ~0027
+
+
+def test_export_onnx_writes_the_umask_mode(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from bnfold.torch.export import export_onnx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    old = os.umask(0o022)
+    try:
+        export_onnx(net, torch.randn(1, 3, 8, 8), tmp_path / "e.onnx")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "e.onnx").st_mode) == 0o644
+    assert debris(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Debris after a kill; the two-file commit
+# ------------------------------------------------------------------------------------------------
+def external_pair(folder: Path, seed: int = 0, name: str = "m.onnx") -> Path:
+    m = conv_bn_relu(np.random.default_rng(seed), c_in=16, c_out=16)
+    p = folder / name
+    onnx.save(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location=name + ".data", size_threshold=0)
+    return p
+
+
+PAUSE_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from bnfold.onnx.api import fold_file
+    src, dst, marker = sys.argv[1:4]
+    def pause(written, report):
+        open(marker, "w").close()
+        time.sleep(60)
+    fold_file(src, dst, before_commit=pause)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_mid_write_leaves_no_debris_and_the_old_pair_whole(tmp_path: Path, sig: int) -> None:
+    src = external_pair(tmp_path, 0, "src.onnx")
+    old = fold_file(src, tmp_path / "out.onnx") and (tmp_path / "out.onnx").read_bytes()
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_SCRIPT, str(src), str(tmp_path / "out.onnx"), str(marker)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the child never reached the write"
+            time.sleep(0.05)
+        assert debris(tmp_path), "the pause should be mid-write, with temporary files present"
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -sig
+    assert debris(tmp_path) == []
+    assert (tmp_path / "out.onnx").read_bytes() == old
+    io.load_model(tmp_path / "out.onnx")
+
+
+class Crash(BaseException):
+    """Stands for the process dying at that instant."""
+
+
+def test_a_crash_at_any_step_of_the_commit_leaves_a_loadable_pair(tmp_path: Path, monkeypatch) -> None:
+    """Fold two different models in turn to the same external-data target; 'crash' at every rename and
+    unlink of the second commit: the target must load as the old result or the new one, never a mix."""
+    a, b = external_pair(tmp_path, 0, "a.onnx"), external_pair(tmp_path, 1, "b.onnx")
+    out = tmp_path / "out.onnx"
+
+    def weights(p: Path) -> bytes:
+        m = io.load_model(p)
+        return b"".join(t.raw_data for t in m.graph.initializer)
+
+    fold_file(a, out)
+    old = weights(out)
+    calls = {"n": 0, "crash_at": None}
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def step(fn):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["crash_at"]:
+                raise Crash()
+            return fn(*args, **kwargs)
+        return wrapped
+
+    outcomes = set()
+    for crash_at in range(1, 5):
+        fold_file(a, out)  # back to the old result (alternating data names)
+        calls.update(n=0, crash_at=crash_at)
+        monkeypatch.setattr(io.os, "replace", step(real_replace))
+        monkeypatch.setattr(io.os, "unlink", step(real_unlink))
+        try:
+            fold_file(b, out)
+        except Crash:
+            pass
+        finally:
+            monkeypatch.setattr(io.os, "replace", real_replace)
+            monkeypatch.setattr(io.os, "unlink", real_unlink)
+        got = weights(out)
+        fold_new = tmp_path / "expected.onnx"
+        fold_file(b, fold_new)
+        assert got in (old, weights(fold_new)), f"crash at step {crash_at} left a mixed pair"
+        outcomes.add("old" if got == old else "new")
+    assert outcomes == {"old", "new"}
+
+
+def test_temp_names_are_recognised_for_scans() -> None:
+    assert files.is_bnfold_temp(".bnfold-tmp-123-ab-m.onnx")
+    assert files.is_bnfold_temp("models/.bnfold-tmp-1-x/m.onnx")
+    assert not files.is_bnfold_temp("models/m.onnx")
+    assert files.temp_name("m.onnx").startswith(files.TEMP_PREFIX)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Clobbering
+# ------------------------------------------------------------------------------------------------
+def test_the_inputs_own_data_file_is_not_overwritten(tmp_path: Path) -> None:
+    m = conv_bn_relu(np.random.default_rng(0), c_in=16, c_out=16)
+    a = tmp_path / "a.onnx"
+    onnx.save(m, a, save_as_external_data=True, all_tensors_to_one_file=True, location="shared.onnx.data", size_threshold=0)
+    before = (tmp_path / "shared.onnx.data").read_bytes()
+    text = assert_one_line(cli(a, "-o", tmp_path / "shared.onnx", "--no-verify"), needle="shared.onnx.data")
+    assert "input model reads" in text and "--force" in text
+    assert (tmp_path / "shared.onnx.data").read_bytes() == before
+    io.load_model(a)
+
+
+def test_an_unrelated_data_file_is_not_overwritten_without_force(tmp_path: Path) -> None:
+    src = external_pair(tmp_path, 0, "src.onnx")
+    (tmp_path / "x.onnx.data").write_bytes(b"someone else's weights")
+    assert_one_line(cli(src, "-o", tmp_path / "x.onnx", "--no-verify"), needle="x.onnx.data")
+    assert (tmp_path / "x.onnx.data").read_bytes() == b"someone else's weights"
+    assert not (tmp_path / "x.onnx").exists()
+    assert cli(src, "-o", tmp_path / "x.onnx", "--no-verify", "--force", "-q").exit_code == 0
+    io.load_model(tmp_path / "x.onnx")
+
+
+def test_refolding_an_external_output_alternates_its_data_file_and_cleans_up(tmp_path: Path) -> None:
+    src = external_pair(tmp_path, 0, "src.onnx")
+    out = tmp_path / "out.onnx"
+    fold_file(src, out)
+    assert (tmp_path / "out.onnx.data").exists()
+    fold_file(src, out)  # bnfold's own output: its data is replaced, under the other name
+    assert (tmp_path / "out.onnx.1.data").exists() and not (tmp_path / "out.onnx.data").exists()
+    fold_file(src, out)
+    assert (tmp_path / "out.onnx.data").exists() and not (tmp_path / "out.onnx.1.data").exists()
+    io.load_model(out)
+    assert cli(src, "--in-place", "--no-verify", "-q").exit_code == 0  # in place: the old data goes
+    assert not (tmp_path / "src.onnx.data").exists() and (tmp_path / "src.onnx.1.data").exists()
+    io.load_model(src)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Unbounded resources: run in a subprocess under a 3 GB address-space limit
+# ------------------------------------------------------------------------------------------------
+LIMITED = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    from bnfold.check import check_model
+    from bnfold.onnx.api import fold_file
+    t = time.perf_counter()
+    r = check_model(sys.argv[1])
+    out = {"check": r.to_dict()}
+    if len(sys.argv) > 2:
+        try:
+            out["fold"] = fold_file(sys.argv[1], sys.argv[2]).to_dict()
+        except Exception as exc:
+            out["fold"] = type(exc).__name__ + ": " + str(exc)
+    out["seconds"] = time.perf_counter() - t
+    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+    """
+)
+
+
+def run_limited(path: Path, out: Path | None = None, timeout: float = 60) -> dict:
+    import json
+
+    args = [sys.executable, "-c", LIMITED, str(path)] + ([str(out)] if out else [])
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _value(name: str, dtype: int, value: float) -> onnx.AttributeProto:
+    return helper.make_tensor(name, dtype, [1], [value])
+
+
+def cos_model(shape_nodes: list, shape_name: str, extra_inits: list, c: int = 4) -> onnx.ModelProto:
+    """Conv bias = Slice(ConstantOfShape(<shape>), [0], [c]): a 1-D tensor of astronomical length."""
+    rng = np.random.default_rng(0)
+    nodes = shape_nodes + [
+        helper.make_node("ConstantOfShape", [shape_name], ["big"], value=_value("v", TensorProto.FLOAT, 0.5)),
+        helper.make_node("Slice", ["big", "st", "en"], ["cb"]),
+        helper.make_node("Conv", ["input", "conv.w", "cb"], ["c"], name="conv"),
+        bn_node("bn", "c", "output"),
+    ]
+    inits = extra_inits + [
+        init("st", np.array([0], np.int64)), init("en", np.array([c], np.int64)),
+        init("conv.w", rng.standard_normal((c, 3, 3, 3)).astype(np.float32)), *bn_inits("bn", c, rng),
+    ]
+    return model(nodes, [("input", [1, 3, 6, 6])], [("output", [1, c, 4, 4])], inits)
+
+
+def test_constant_of_shape_with_a_huge_shape_finishes_within_3gb(tmp_path: Path) -> None:
+    p = tmp_path / "cos.onnx"
+    onnx.save(cos_model([], "shp", [init("shp", np.array([10**12], np.int64))]), p)
+    assert p.stat().st_size < 2000
+    r = run_limited(p, tmp_path / "out.onnx")
+    assert r["seconds"] < 20 and r["peak_mib"] < 1024, r
+    finding = r["check"]["findings"][0]
+    assert finding["code"] == "not-constant" and "limit" in finding["message"], finding
+    assert isinstance(r["fold"], dict), r["fold"]  # a report, not an exception
+    assert not any(c["status"] == "folded" for c in r["fold"]["candidates"]), r["fold"]
+
+
+def test_constant_of_shape_sized_through_data_propagation_finishes_within_3gb(tmp_path: Path) -> None:
+    """The shape is Shape(input)[0] × 10^9 — only data propagation can see it: it must not run."""
+    shape_nodes = [
+        helper.make_node("Shape", ["input"], ["s"], start=0, end=1),
+        helper.make_node("Mul", ["s", "k"], ["shp"]),
+    ]
+    p = tmp_path / "cos_prop.onnx"
+    onnx.save(cos_model(shape_nodes, "shp", [init("k", np.array([10**9], np.int64))]), p)
+    r = run_limited(p)
+    assert r["seconds"] < 20
+    assert r["check"]["error"] is None, r["check"]
+    assert r["peak_mib"] < 1024, r  # the old code held ~3 GB of dims before failing
+
+
+def test_thirty_chained_4096_matmuls_finish_in_seconds(tmp_path: Path) -> None:
+    n, k = 4096, 30
+    fill = _value("v", TensorProto.FLOAT, 0.001)
+    nodes = [helper.make_node("ConstantOfShape", ["shp"], ["w0"], value=fill)]
+    for i in range(k):
+        nodes.append(helper.make_node("ConstantOfShape", ["shp"], [f"m{i}"], value=fill))
+        nodes.append(helper.make_node("MatMul", [f"w{i}", f"m{i}"], [f"w{i + 1}"]))
+    nodes += [helper.make_node("MatMul", ["input", f"w{k}"], ["mm"]), bn_node("bn", "mm", "output")]
+    m = model(nodes, [("input", [2, n])], [("output", [2, n])],
+              [init("shp", np.array([n, n], np.int64)), *bn_inits("bn", n, np.random.default_rng(0))])
+    p = tmp_path / "mm.onnx"
+    onnx.save(m, p)
+    r = run_limited(p)
+    assert r["seconds"] < 20
+    assert "budget" in r["check"]["findings"][0]["message"]
+
+
+def test_check_reads_only_regular_files_within_the_size_limit(tmp_path: Path) -> None:
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as fh:  # sparse: 3 GB on paper, nothing on disk
+        fh.truncate(3 << 30)
+    os.symlink(big, tmp_path / "link-to-big.onnx")
+    os.mkfifo(tmp_path / "fifo.onnx")
+    paths = [big, tmp_path / "link-to-big.onnx", tmp_path / "fifo.onnx"]
+    try:
+        os.mknod(tmp_path / "zero.onnx", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # a private /dev/zero
+        os.symlink(tmp_path / "zero.onnx", tmp_path / "link-to-zero.onnx")
+        paths.append(tmp_path / "link-to-zero.onnx")
+    except (PermissionError, OSError):
+        pass
+    for p in paths:
+        r = run_limited(p, timeout=30)
+        err = r["check"]["error"] or ""
+        assert ("regular files" in err or "limit" in err) and "internal error" not in err, err
+        assert r["seconds"] < 10
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Malformed input: one line, never a traceback, never "internal error"
+# ------------------------------------------------------------------------------------------------
+def _malformed(tmp_path: Path, case: str) -> Path:
+    m = conv_bn_relu(np.random.default_rng(0))
+    p = tmp_path / f"{case}.onnx"
+    if case == "truncated-external":
+        onnx.save(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location=p.name + ".data", size_threshold=0)
+        with open(tmp_path / (p.name + ".data"), "r+b") as fh:
+            fh.truncate(100)
+        return p
+    t = next(t for t in m.graph.initializer if t.name == "conv.w")
+    if case == "dims-promise-1e9":
+        del t.dims[:]
+        t.dims.extend([10**9])
+        t.raw_data = b"\0" * 16
+    elif case == "external-length-mismatch":
+        (tmp_path / "w.bin").write_bytes(b"\0" * 16)
+        point_external(m, "conv.w", "w.bin", length=16)
+    onnx.save(m, p)
+    return p
+
+
+@pytest.mark.parametrize("case", ["truncated-external", "dims-promise-1e9", "external-length-mismatch"])
+def test_malformed_data_is_one_line(tmp_path: Path, case: str) -> None:
+    p = _malformed(tmp_path, case)
+    assert_one_line(cli(p, "-o", tmp_path / "out.onnx"), needle="conv.w")
+    result = cli("check", p)
+    assert result.exit_code == EXIT_USAGE and "internal error" not in result.output and "conv.w" in result.output
+    with pytest.raises(InputError):
+        fold_file(p, tmp_path / "out2.onnx")
+
+
+def test_nan_and_negative_variance_are_named_by_channel(tmp_path: Path) -> None:
+    m = conv_bn_relu(np.random.default_rng(0))
+    t = next(t for t in m.graph.initializer if t.name == "bn.var")
+    v = onnx.numpy_helper.to_array(t).copy()
+    v[1], v[3] = np.nan, -3.0
+    t.CopyFrom(onnx.numpy_helper.from_array(v, t.name))
+    p = tmp_path / "nan.onnx"
+    onnx.save(m, p)
+    result = cli(p, "-o", tmp_path / "out.onnx", "--no-verify")
+    assert result.exit_code == 0 and "Traceback" not in result.output and "Warning" not in result.output
+    assert "negative variance" in result.output and "channels 1, 3" in result.output
+
+
+def test_opset_ahead_of_onnxruntime_is_one_line(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    m = conv_bn_relu(np.random.default_rng(0))
+    m.opset_import[0].version = 99
+    p = tmp_path / "future.onnx"
+    onnx.save(m, p)
+    text = assert_one_line(cli(p, "-o", tmp_path / "out.onnx"))
+    assert "opset" in text and ort.__version__ in text and len(text) < 300
