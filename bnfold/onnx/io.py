@@ -104,49 +104,42 @@ def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = Fal
         raise InputError(f"{what}: fails ONNX shape inference: {_short(exc)}") from None
 
 
-DATA_PROP_MAX_ELEMENTS = 1 << 12
-"""The longest 1-D tensor data-propagating shape inference may meet (a shape has a handful of dims)."""
+DATA_PROP_MAX_ELEMENTS = 1 << 16
+"""The longest 1-D tensor a graph node may make for data-propagating shape inference to run (a shape
+has a handful of dims; 2^16 dims are a few MB to that pass, the 10^9 of a hostile model are not)."""
 _SHAPE_BUILDERS = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot", "Concat"}
 
 
 def data_prop_is_bounded(inferred: onnx.ModelProto) -> bool:
     """Whether shape inference with ``data_prop=True`` is safe on this model (given the result without it).
 
-    Data propagation turns 1-D tensors into lists of dims in memory, at whatever length the graph says.
-    Safe when every output of an op that builds tensors from values (ConstantOfShape, Expand, Tile,
-    Range...) is known to be of rank 2 or more, or of at most `DATA_PROP_MAX_ELEMENTS` elements, and no
-    1-D tensor anywhere is longer than that. Measured: ConstantOfShape([10^9]) → Slice took 6 s and 3 GB
-    before failing; a real model's shape tensors have a handful of elements.
+    Data propagation turns 1-D tensors that nodes compute into lists of dims in memory, at whatever
+    length the graph says. Safe when no node output is known to be 1-D and longer than
+    `DATA_PROP_MAX_ELEMENTS`, and every output of an op that builds tensors from values
+    (ConstantOfShape, Expand, Tile, Range...) is known to be of rank 0, of rank 2 or more, or 1-D within
+    that length (data propagation could otherwise find the length itself). Measured: Slice of
+    ConstantOfShape([10^9]) took 6 s and 3 GB before failing; a real model's shape tensors are short.
+    Graph inputs and initializers are not propagated as values here (the skeleton holds no weights).
     """
-    graphs = [inferred.graph]
+    graphs, nodes = [inferred.graph], []
     types: dict[str, onnx.TypeProto] = {}
     while graphs:
         g = graphs.pop()
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             types[vi.name] = vi.type
         for node in g.node:
+            nodes.append(node)
             for attr in node.attribute:
                 graphs.extend([attr.g] if attr.HasField("g") else [])
                 graphs.extend(attr.graphs)
-    for t in types.values():
-        tt = t.tensor_type
-        if tt.HasField("shape") and len(tt.shape.dim) == 1 and tt.shape.dim[0].dim_value > DATA_PROP_MAX_ELEMENTS:
-            return False
-    stack = [inferred.graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            for attr in node.attribute:
-                stack.extend([attr.g] if attr.HasField("g") else [])
-                stack.extend(attr.graphs)
-            if node.op_type not in _SHAPE_BUILDERS:
-                continue
-            for out in node.output:
-                tt = types[out].tensor_type if out in types else None
-                if tt is None or not tt.HasField("shape"):
-                    return False
-                dims = tt.shape.dim
-                if len(dims) <= 1 and not (len(dims) == 0 or 0 <= dims[0].dim_value <= DATA_PROP_MAX_ELEMENTS and dims[0].HasField("dim_value")):
+    for node in nodes:
+        for out in node.output:
+            tt = types[out].tensor_type if out in types else None
+            known = tt is not None and tt.HasField("shape")
+            if known and len(tt.shape.dim) == 1 and tt.shape.dim[0].dim_value > DATA_PROP_MAX_ELEMENTS:
+                return False
+            if node.op_type in _SHAPE_BUILDERS and out:
+                if not known or (len(tt.shape.dim) == 1 and not tt.shape.dim[0].HasField("dim_value")):
                     return False
     return True
 
