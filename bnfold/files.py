@@ -6,7 +6,7 @@ path that is a device node. This module holds the one policy for all of it, so t
 library cannot disagree:
 
 - input models are read only from regular files of at most `MAX_MODEL_BYTES` (`read_model_bytes`);
-- outputs go only to regular files or new paths, through a symlink to its target (`output_target`),
+- outputs go only to regular files or new paths, through a symlink only in place (`output_target`),
   with the input's permission bits kept or the umask-derived ones for a new file (`output_mode`);
 - temporary files carry one prefix (`TEMP_PREFIX`), are recognised by `is_bnfold_temp` (folder scans
   skip them), and are removed on SIGTERM/SIGHUP/SIGINT (`removing_temps_on_signals`).
@@ -108,15 +108,21 @@ def read_model_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_MODEL_BY
     return data
 
 
-def output_target(path: str | os.PathLike[str]) -> Path:
+def output_target(path: str | os.PathLike[str], *, follow_symlink: bool = False) -> Path:
     """Where an output named `path` is really written, or `OutputError` if bnfold must not write there.
 
-    A symlink is followed to the file it names (``--in-place`` on a link folds the target and keeps the
-    link). What exists there must be a regular file: a device node, FIFO, socket or directory is
-    refused, never replaced (as root, a rename over ``/dev/null`` would replace the device node).
+    What exists there must be a regular file: a device node, FIFO, socket or directory is refused, never
+    replaced (as root, a rename over ``/dev/null`` replaced the device node). A symlink is followed to
+    the file it names only with ``follow_symlink`` — ``--in-place`` on a link, whose target the input
+    was read from, folds that file and keeps the link. Otherwise a symlink is refused: in a checkout
+    anyone can propose, ``out.onnx -> /etc/...`` must not make a root CI job write through it.
     """
     p = Path(path)
     if p.is_symlink():
+        if not follow_symlink:
+            raise OutputError(
+                f"{p}: is a symlink; bnfold writes only regular files (--in-place folds the file a link points to)"
+            )
         p = Path(os.path.realpath(p))
     try:
         st = os.stat(p)
@@ -132,7 +138,15 @@ def output_target(path: str | os.PathLike[str]) -> Path:
 
 
 def current_umask() -> int:
-    """The process umask (read by setting and restoring it: POSIX has no getter)."""
+    """The process umask: from /proc where Linux shows it, else by setting and restoring it (POSIX has
+    no getter; the set-and-restore is briefly visible to other threads, hence /proc first)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -162,8 +176,34 @@ class SignalExit(BaseException):
 CLEANUP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n))
 
 
+_deferred: list[int] | None = None
+"""While `signals_deferred` runs: the signals that arrived, to be acted on after it."""
+
+
 def _raise_signal_exit(signum: int, frame: object) -> None:
+    if _deferred is not None:
+        _deferred.append(signum)
+        return
     raise SignalExit(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back the `SignalExit` of a signal arriving during a few renames that must happen together;
+    it is raised when they are done. (A signal mask would not do: the kernel may hand the signal to any
+    other thread — onnxruntime's pools — and Python then runs the handler in the main thread anyway.)"""
+    global _deferred
+    outer, _deferred = _deferred, []
+    try:
+        yield
+    except BaseException:
+        arrived, _deferred = _deferred, outer
+        if arrived:
+            raise SignalExit(arrived[0])  # noqa: B904 — the signal wins; the error is chained
+        raise
+    arrived, _deferred = _deferred, outer
+    if arrived:
+        raise SignalExit(arrived[0])
 
 
 @contextlib.contextmanager
@@ -201,17 +241,3 @@ def removing_temps_on_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def signals_blocked() -> Iterator[None]:
-    """Hold back SIGTERM/SIGHUP/SIGINT for a few renames that must happen together; any that arrived
-    are delivered when the block ends (where the platform has no signal masks, this does nothing)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, CLEANUP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -187,6 +187,20 @@ def test_in_place_through_a_symlink_folds_the_target_and_keeps_the_link(tmp_path
     assert stat.S_IMODE(os.stat(real).st_mode) == 0o640
 
 
+@pytest.mark.parametrize("dangling", [False, True])
+def test_output_through_a_symlink_is_refused_unless_in_place(tmp_path: Path, dangling: bool) -> None:
+    """A checkout may hold `out.onnx -> /etc/...`: a root CI job must not write through it."""
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu(np.random.default_rng(0)), src)
+    elsewhere = tmp_path / "elsewhere.txt"
+    if not dangling:
+        elsewhere.write_text("not yours")
+    os.symlink(elsewhere, tmp_path / "out.onnx")
+    assert_one_line(cli(src, "-o", tmp_path / "out.onnx", "--no-verify"), needle="symlink")
+    assert (tmp_path / "out.onnx").is_symlink()
+    assert (elsewhere.read_text() == "not yours") if not dangling else not elsewhere.exists()
+
+
 def test_in_place_keeps_the_mode_and_a_new_file_gets_the_umask_mode(tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     onnx.save(conv_bn_relu(np.random.default_rng(0)), src)
@@ -260,6 +274,35 @@ def test_a_signal_mid_write_leaves_no_debris_and_the_old_pair_whole(tmp_path: Pa
     assert debris(tmp_path) == []
     assert (tmp_path / "out.onnx").read_bytes() == old
     io.load_model(tmp_path / "out.onnx")
+
+
+SIGNAL_IN_COMMIT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from bnfold.onnx import io
+    from bnfold.onnx.api import fold_file
+    real = os.replace
+    def replace(a, b):  # SIGTERM arrives between the data rename and the model rename
+        real(a, b)
+        if str(b).endswith(".data"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    io.os.replace = replace
+    fold_file(sys.argv[1], sys.argv[2])
+    """
+)
+
+
+def test_a_signal_between_the_renames_waits_for_the_commit(tmp_path: Path) -> None:
+    a, b = external_pair(tmp_path, 0, "a.onnx"), external_pair(tmp_path, 1, "b.onnx")
+    out = tmp_path / "out.onnx"
+    fold_file(a, out)
+    expected = tmp_path / "expected.onnx"
+    fold_file(b, expected)
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_COMMIT, str(b), str(out)], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    got, want = io.load_model(out), io.load_model(expected)
+    assert [t.raw_data for t in got.graph.initializer] == [t.raw_data for t in want.graph.initializer]
+    assert debris(tmp_path) == []
 
 
 class Crash(BaseException):

@@ -60,8 +60,8 @@ def fold_file(
     folded weights of an inline model are written from numpy straight into the file, never copied into
     a second protobuf. ``external_data``: None keeps the input's layout (external when over 2 GB).
     ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place (the
-    command verifies there); if it raises, nothing is written. A symlink as target writes the file it
-    points to. The input's own data file, or a data file no bnfold output wrote, is overwritten only
+    command verifies there); if it raises, nothing is written. A symlink as target is followed only in
+    place (source and target the same file), else refused. The input's own data file, or a data file no bnfold output wrote, is overwritten only
     with ``force`` (`io.data_file_name`). Temporary files are removed on SIGTERM/SIGHUP/SIGINT.
     """
     from contextlib import nullcontext
@@ -72,7 +72,7 @@ def fold_file(
     external = (had_external or None) if external_data is None else external_data
     in_place = os.path.exists(target) and os.path.samefile(source, target)
     protect = set() if in_place else io.external_data_files(original, Path(source), absolute=False)
-    target_path = io.check_writable(target, external_data=external, protect=protect, force=force)
+    target_path = io.check_writable(target, external_data=external, protect=protect, force=force, follow_symlink=in_place)
     pending: dict[str, np.ndarray] = {}
     with files.removing_temps_on_signals():
         spill_ctx = (tempfile.TemporaryDirectory(prefix=files.TEMP_PREFIX + "spill-", dir=target_path.parent)

@@ -334,17 +334,24 @@ def _load_external(model: onnx.ModelProto) -> None:
 
 
 def _read_bytes(tensor: onnx.TensorProto) -> bytes:
+    """The bytes of an external tensor whose location `external_data_files` checked and made absolute.
+
+    Opened non-blocking and checked again on the descriptor (a FIFO swapped in since cannot hang the
+    read), and never more than the tensor's own size is read.
+    """
     info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    expected = tensor_bytes(tensor)
+    want = info.length if info.length is not None else expected
     try:
-        with open(info.location, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+        fd = os.open(info.location, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise InputError(f"tensor '{tensor.name}': external data '{info.location}' is not a regular file")
             fh.seek(info.offset or 0)
-            data = fh.read(info.length) if info.length is not None else fh.read()
+            data = fh.read(want) if want is not None else fh.read()
     except OSError as exc:
         raise InputError(f"tensor '{tensor.name}': cannot read external data '{info.location}' ({exc.strerror})") from None
-    expected = tensor_bytes(tensor)
-    if (info.length is not None and len(data) != info.length) or (expected is not None and len(data) != expected):
+    if (want is not None and len(data) != want) or (expected is not None and len(data) != expected):
         raise InputError(f"tensor '{tensor.name}': external data '{info.location}' is shorter than its tensor (truncated?)")
     return data
 
@@ -367,14 +374,15 @@ def check_writable(
     external_data: bool | None = False,
     protect: Collection[str] = (),
     force: bool = False,
+    follow_symlink: bool = False,
 ) -> Path:
     """Fail early, before any work, when the output cannot be written where asked; returns the real target.
 
-    The target is where `files.output_target` says (a symlink's target; never a device, FIFO, socket or
-    directory). With ``external_data`` the data file's name is settled here too (`data_file_name`), so a
-    refusal to overwrite comes before the fold, not after it.
+    The target is where `files.output_target` says (never a device, FIFO, socket or directory; a
+    symlink's target only with ``follow_symlink``, for in-place folds). With ``external_data`` the data
+    file's name is settled here too (`data_file_name`), so a refusal to overwrite comes before the fold.
     """
-    target = files.output_target(path)
+    target = files.output_target(path, follow_symlink=follow_symlink)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{parent}: output folder does not exist")
@@ -530,7 +538,7 @@ def _commit(
     not read (`data_file_name`), so the old pair still loads; then the model replaced in one rename —
     the switch from the old pair to the new; last, the data file(s) of the old output removed (only
     bnfold's own names for `target`, never a file the input reads). The renames run with termination
-    signals blocked, so a SIGTERM lands before or after them, never between.
+    signals deferred (`files.signals_deferred`), so a SIGTERM acts before or after them, never between.
     """
     parent = target.parent
     written: list[Path] = []
@@ -544,7 +552,7 @@ def _commit(
             except OSError:
                 pass
         _fsync(f)
-    with files.signals_blocked():
+    with files.signals_deferred():
         new_data = None
         if data_ok:
             new_data = parent / os.path.basename(tmp_data)  # type: ignore[arg-type]
@@ -611,7 +619,8 @@ def _write_with_external_data(
                 offset = _align(out)
                 with open(info.location, "rb") as src:
                     src.seek(info.offset or 0)
-                    remaining = info.length if info.length else os.path.getsize(info.location) - (info.offset or 0)
+                    remaining = (info.length if info.length is not None  # 0 is a length (an empty tensor)
+                                 else os.path.getsize(info.location) - (info.offset or 0))
                     while remaining > 0:
                         chunk = src.read(min(COPY_CHUNK, remaining))
                         if not chunk:
