@@ -510,9 +510,10 @@ def test_thirty_chained_4096_matmuls_finish_in_seconds(tmp_path: Path) -> None:
               [init("shp", np.array([n, n], np.int64)), *bn_inits("bn", n, np.random.default_rng(0))])
     p = tmp_path / "mm.onnx"
     onnx.save(m, p)
-    r = run_limited(p)
-    assert r["seconds"] < 20
+    r = run_limited(p, tmp_path / "out.onnx")
+    assert r["seconds"] < 20 and r["peak_mib"] < 1536, r
     assert "budget" in r["check"]["findings"][0]["message"]
+    assert isinstance(r["fold"], dict), r["fold"]
 
 
 def test_check_reads_only_regular_files_within_the_size_limit(tmp_path: Path) -> None:

@@ -61,8 +61,9 @@ def fold_file(
     a second protobuf. ``external_data``: None keeps the input's layout (external when over 2 GB).
     ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place (the
     command verifies there); if it raises, nothing is written. A symlink as target is followed only in
-    place (source and target the same file), else refused. The input's own data file, or a data file no bnfold output wrote, is overwritten only
-    with ``force`` (`io.data_file_name`). Temporary files are removed on SIGTERM/SIGHUP/SIGINT.
+    place (source and target the same file), else refused. The input's own data file, or a data file
+    bnfold did not write, is overwritten only with ``force`` (`io.data_file_name`). Temporary files are
+    removed on SIGTERM/SIGHUP/SIGINT.
     """
     from contextlib import nullcontext
 

@@ -12,6 +12,7 @@ onnx's reference implementation, so no operator semantics are re-written here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 import onnx
@@ -171,7 +172,7 @@ class ConstantResolver:
         """
         shape = _predict_shape(node, inputs, self.opset)
         if shape is None:
-            shape = [_static_shape(o, self.shapes) for o in node.outputs][0] if node.outputs else None
+            shape = _static_shape(node.outputs[0], self.shapes) if node.outputs else None
         in_sizes = [int(v.size) for v in inputs if v is not None]
         if shape is None:
             if node.op in EXPANDING:
@@ -283,7 +284,9 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _one_node_model(node: gs.Node, inputs: list[np.ndarray | None], opset: int, values: set[int] = frozenset()) -> onnx.ModelProto:  # type: ignore[assignment]
+def _one_node_model(
+    node: gs.Node, inputs: list[np.ndarray | None], opset: int, values: Collection[int] = ()
+) -> onnx.ModelProto:
     """`node` as a model whose inputs have the given arrays' types and shapes (those in `values`:
     their values too, as initializers, for shape inference to read)."""
     in_names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
