@@ -305,6 +305,29 @@ def test_a_signal_between_the_renames_waits_for_the_commit(tmp_path: Path) -> No
     assert debris(tmp_path) == []
 
 
+@pytest.mark.xfail(strict=True, reason="bnfold.check.expand_paths must skip files.is_bnfold_temp paths (wired after the check split)")
+def test_check_of_a_folder_ignores_debris_of_a_killed_fold(tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: its temporary folder stays, and a later `bnfold check .` must not fail on it."""
+    onnx.save(conv_bn_relu(np.random.default_rng(0)), tmp_path / "m.onnx")
+    assert cli(tmp_path / "m.onnx", "--in-place", "--no-verify", "-q").exit_code == 0
+    debris_dir = tmp_path / (files.TEMP_PREFIX + "1234-abcd")
+    debris_dir.mkdir()
+    (debris_dir / "m.onnx").write_bytes((tmp_path / "m.onnx").read_bytes()[:100])  # a partial model
+    result = cli("check", tmp_path)
+    assert result.exit_code == 0, result.output
+
+
+def test_an_in_memory_model_with_relative_external_data_is_not_read_against_the_cwd(tmp_path: Path, monkeypatch) -> None:
+    from bnfold import fold_onnx
+
+    (tmp_path / "secret.txt").write_bytes(SECRET[:16])
+    monkeypatch.chdir(tmp_path)
+    m = conv_bn_relu(np.random.default_rng(0))
+    point_external(m, "conv.b", "secret.txt")
+    with pytest.raises(InputError, match="relative to a folder"):
+        fold_onnx(m)
+
+
 class Crash(BaseException):
     """Stands for the process dying at that instant."""
 

@@ -340,6 +340,11 @@ def _read_bytes(tensor: onnx.TensorProto) -> bytes:
     read), and never more than the tensor's own size is read.
     """
     info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    if not os.path.isabs(info.location):  # an in-memory model from elsewhere: no folder to check it against
+        raise InputError(
+            f"tensor '{tensor.name}': external data '{info.location}' is relative to a folder bnfold does not "
+            "know; pass the model's path, or load it with bnfold.onnx.io.load_model"
+        )
     expected = tensor_bytes(tensor)
     want = info.length if info.length is not None else expected
     try:
