@@ -146,6 +146,8 @@ def _special(tmp_path: Path, kind: str) -> Path:
         except (PermissionError, OSError) as exc:
             pytest.skip(f"cannot make a device node here: {exc}")
     elif kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
         os.mkfifo(p)
     elif kind == "socket":
         s = socket.socket(socket.AF_UNIX)
@@ -326,6 +328,46 @@ def test_an_in_memory_model_with_relative_external_data_is_not_read_against_the_
     point_external(m, "conv.b", "secret.txt")
     with pytest.raises(InputError, match="relative to a folder"):
         fold_onnx(m)
+
+
+BENCH_PAUSE = textwrap.dedent(
+    """
+    import sys, time
+    import bnfold.bench as bench
+    def pause(*args, **kwargs):
+        open(sys.argv[2], "w").close()
+        time.sleep(60)
+    bench._bench_level = pause
+    bench.bench_onnx(sys.argv[1], repeats=1, warmup=0, creations=1)
+    """
+)
+
+
+def test_a_signal_during_bench_removes_its_temporary_model(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu(np.random.default_rng(0)), src)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    marker = tmp_path / "marker"
+
+    def ours() -> list[str]:  # other libraries leave their own files in TMPDIR
+        return [p.name for p in tmp.iterdir() if "bnfold" in p.name]
+
+    proc = subprocess.Popen([sys.executable, "-c", BENCH_PAUSE, str(src), str(marker)], env={**os.environ, "TMPDIR": str(tmp)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the child never reached the benchmark"
+            time.sleep(0.05)
+        assert ours(), "the folded model should be in a temporary folder now"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM
+    assert ours() == []
 
 
 class Crash(BaseException):
@@ -539,6 +581,7 @@ def test_thirty_chained_4096_matmuls_finish_in_seconds(tmp_path: Path) -> None:
     assert isinstance(r["fold"], dict), r["fold"]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_check_reads_only_regular_files_within_the_size_limit(tmp_path: Path) -> None:
     big = tmp_path / "big.onnx"
     with open(big, "wb") as fh:  # sparse: 3 GB on paper, nothing on disk

@@ -406,9 +406,12 @@ def _own_data_names(target: Path) -> tuple[str, str]:
 
 
 def referenced_data(model_path: Path) -> set[str]:
-    """Resolved paths of the external data files the model now at `model_path` reads (lenient: empty
-    when there is no model there or it cannot be parsed; nothing is read but the .onnx file)."""
-    if not model_path.is_file():
+    """Resolved paths of bnfold's own data files (`_own_data_names`) that the model now at `model_path`
+    reads: the only ones the commit must not overwrite and may clean up. Lenient: empty when there is no
+    model or it cannot be parsed; the .onnx file is parsed only when such a data file exists beside it
+    (an inline 2 GB output is not read back for nothing)."""
+    own = {os.path.realpath(model_path.parent / n) for n in _own_data_names(model_path)}
+    if not model_path.is_file() or not any(os.path.lexists(p) for p in own):
         return set()
     try:
         model = _parse(model_path)
@@ -423,7 +426,7 @@ def referenced_data(model_path: Path) -> set[str]:
                     found.add(os.path.realpath(os.path.join(base, entry.value)))
                 except ValueError:
                     pass
-    return found
+    return found & own
 
 
 def data_file_name(
@@ -568,8 +571,7 @@ def _commit(
         _fsync(parent)
         written.append(target)
         keep = {os.path.realpath(new_data)} if new_data is not None else set()
-        own = {os.path.realpath(parent / n) for n in _own_data_names(target)}
-        for old in old_refs & own - keep - set(protect):
+        for old in old_refs - keep - set(protect):  # bnfold's own names only (`referenced_data`)
             try:
                 os.unlink(old)
             except OSError:
