@@ -220,7 +220,7 @@ def removing_temps_on_signals() -> Iterator[None]:
     try:
         for sig in CLEANUP_SIGNALS:
             old = signal.getsignal(sig)
-            if old is signal.SIG_IGN:
+            if old is signal.SIG_IGN or old is None:  # ignored (nohup), or a handler Python cannot restore
                 continue
             signal.signal(sig, _raise_signal_exit)
             previous[sig] = old

@@ -119,6 +119,24 @@ def test_symlinked_folder_external_data_refused_before_onnxruntime(leaky: Path) 
     assert_one_line(cli("verify", leaky, leaky), needle="outside the model's folder")
 
 
+def test_sparse_initializer_external_data_is_checked_too(leaky: Path) -> None:
+    """onnx's tensor walker skips sparse initializers; onnxruntime would read their external data."""
+    m = onnx.load(leaky, load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.name == "conv.b")
+    values = onnx.TensorProto()
+    values.CopyFrom(t)
+    values.name = "sp.values"
+    indices = onnx.numpy_helper.from_array(np.arange(4, dtype=np.int64), "sp.indices")
+    m.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [8]))
+    m.graph.initializer.remove(t)
+    m.graph.initializer.append(init("conv.b", np.zeros(4, np.float32)))
+    onnx.save(m, leaky)
+    from bnfold.verify import verify_onnx
+
+    with pytest.raises(InputError, match="sp.values.*outside"):
+        verify_onnx(leaky, leaky)
+
+
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "file-symlink"])
 def test_other_escapes_stay_refused(tmp_path: Path, how: str) -> None:
     secret = tmp_path / "secret.txt"

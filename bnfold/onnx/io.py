@@ -7,6 +7,7 @@ and the input is never overwritten unless the caller asked for it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import shutil
@@ -237,6 +238,26 @@ def tensor_bytes(t: onnx.TensorProto) -> int | None:
     return n * size
 
 
+def _sparse_parts(model: onnx.ModelProto):
+    """The values and indices tensors of every sparse initializer and sparse attribute, subgraphs and
+    functions included: onnx's `_get_all_tensors` leaves them out, onnxruntime reads their external data."""
+    stack: list = [model.graph, *model.functions]
+    while stack:
+        g = stack.pop()
+        sparse = list(getattr(g, "sparse_initializer", []))
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("sparse_tensor"):
+                    sparse.append(attr.sparse_tensor)
+                sparse.extend(attr.sparse_tensors)
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+        for sp in sparse:
+            yield sp.values
+            yield sp.indices
+
+
 def check_tensor_sizes(model: onnx.ModelProto, *, what: str = "model") -> None:
     """Every inline tensor holds exactly the data its dims promise; else one `InputError` line.
 
@@ -244,7 +265,7 @@ def check_tensor_sizes(model: onnx.ModelProto, *, what: str = "model") -> None:
     dims say 10^9 values passes both and fails deep inside numpy's reshape. Runs before any value is read.
     """
     ext = onnx.external_data_helper
-    for t in ext._get_all_tensors(model):
+    for t in itertools.chain(ext._get_all_tensors(model), _sparse_parts(model)):
         if any(d < 0 for d in t.dims):
             raise InputError(f"{what}: tensor '{t.name}' has negative dims {list(t.dims)}")
         if ext.uses_external_data(t):
@@ -277,7 +298,8 @@ def external_data_files(model: onnx.ModelProto, model_path: Path, *, absolute: b
     ext = onnx.external_data_helper
     base = os.path.realpath(model_path.parent if str(model_path.parent) else ".")
     found: set[str] = set()
-    for tensor in ext._get_all_tensors(model):
+    sparse = [(t, False) for t in _sparse_parts(model)]  # checked, never rewritten: bnfold does not read them
+    for tensor, rewrite in itertools.chain(((t, absolute) for t in ext._get_all_tensors(model)), sparse):
         if not ext.uses_external_data(tensor):
             continue
         where = f"{model_path}: tensor '{tensor.name}'"
@@ -317,7 +339,7 @@ def external_data_files(model: onnx.ModelProto, model_path: Path, *, absolute: b
                 f"'{location}' gives {length}"
             )
         found.add(full)
-        if absolute:
+        if rewrite:
             for entry in tensor.external_data:
                 if entry.key == "location":
                     entry.value = full
