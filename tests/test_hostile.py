@@ -581,6 +581,26 @@ def test_constant_of_shape_sized_through_data_propagation_finishes_within_3gb(tm
     assert r["peak_mib"] < 1024, r  # the old code held ~3 GB of dims before failing
 
 
+def test_slice_of_a_huge_declared_input_finishes_within_3gb(tmp_path: Path) -> None:
+    """No ConstantOfShape at all: data propagation materialises a Slice's 1-D input of declared length 10^9."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Slice", ["ids", "st", "en"], ["four"]),
+        helper.make_node("Cast", ["four"], ["cb"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["input", "conv.w", "cb"], ["c"], name="conv"),
+        bn_node("bn", "c", "output"),
+    ]
+    inits = [init("st", np.array([0], np.int64)), init("en", np.array([4], np.int64)),
+             init("conv.w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)), *bn_inits("bn", 4, rng)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 6, 6]),
+                                           helper.make_tensor_value_info("ids", TensorProto.INT64, [10**9])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 4, 4])], inits)
+    p = tmp_path / "slice.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), p)
+    r = run_limited(p)
+    assert r["check"]["error"] is None and r["peak_mib"] < 1024 and r["seconds"] < 20, r
+
+
 def test_thirty_chained_4096_matmuls_finish_in_seconds(tmp_path: Path) -> None:
     n, k = 4096, 30
     fill = _value("v", TensorProto.FLOAT, 0.001)

@@ -348,7 +348,7 @@ def infer_shapes(proto: onnx.ModelProto) -> dict[str, tuple[list[int | None], in
     skeleton = io.skeleton(proto)
     # Data propagation materialises 1-D tensors as lists of dims: a Slice of ConstantOfShape([10^12]) made
     # it allocate until the machine ran out of memory. It runs only when a first pass without it shows
-    # every tensor a shape-building op makes to be small (`io.data_prop_is_bounded`).
+    # every 1-D tensor it would materialise to be short (`io.data_prop_is_bounded`).
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=False)
         if io.data_prop_is_bounded(inferred):

@@ -14,7 +14,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 import onnx
@@ -106,21 +106,22 @@ def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = Fal
 
 
 DATA_PROP_MAX_ELEMENTS = 1 << 16
-"""The longest 1-D tensor a graph node may make for data-propagating shape inference to run (a shape
-has a handful of dims; 2^16 dims are a few MB to that pass, the 10^9 of a hostile model are not)."""
-_SHAPE_BUILDERS = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot", "Concat"}
+"""The longest 1-D input a data-propagating op may have for `infer_shapes(data_prop=True)` to run."""
+DATA_PROP_OPS = {"Add", "Sub", "Mul", "Cast", "Concat", "Gather", "Slice", "Squeeze", "Unsqueeze", "Size"}
+"""The ops whose data propagation materialises a 1-D input as a list of dims (measured on onnx 1.23:
+with a [10^8] input each of these ran out of a 3 GB address space; Identity, Reshape, Expand, Tile,
+Neg, Div, Where and the like did not). Rank ≥ 2 inputs are never materialised."""
 
 
 def data_prop_is_bounded(inferred: onnx.ModelProto) -> bool:
     """Whether shape inference with ``data_prop=True`` is safe on this model (given the result without it).
 
-    Data propagation turns 1-D tensors that nodes compute into lists of dims in memory, at whatever
-    length the graph says. Safe when no node output is known to be 1-D and longer than
-    `DATA_PROP_MAX_ELEMENTS`, and every output of an op that builds tensors from values
-    (ConstantOfShape, Expand, Tile, Range...) is known to be of rank 0, of rank 2 or more, or 1-D within
-    that length (data propagation could otherwise find the length itself). Measured: Slice of
-    ConstantOfShape([10^9]) took 6 s and 3 GB before failing; a real model's shape tensors are short.
-    Graph inputs and initializers are not propagated as values here (the skeleton holds no weights).
+    Data propagation turns the 1-D inputs of some ops (`DATA_PROP_OPS`) into lists of dims in memory, at
+    whatever length the graph declares: Slice of ConstantOfShape([10^12]) — a 463-byte model — exhausted
+    memory, and so does a Slice of a graph input declared ``[10^9]``. Safe when every 1-D input of those
+    ops has a known length of at most `DATA_PROP_MAX_ELEMENTS`. An unknown length counts as unsafe (data
+    propagation could find it to be huge: Expand(1, Shape(x) * 10^9) → Slice); an input of unknown rank
+    stays unknown with data propagation too. Real shape arithmetic has a handful of elements.
     """
     graphs, nodes = [inferred.graph], []
     types: dict[str, onnx.TypeProto] = {}
@@ -134,14 +135,15 @@ def data_prop_is_bounded(inferred: onnx.ModelProto) -> bool:
                 graphs.extend([attr.g] if attr.HasField("g") else [])
                 graphs.extend(attr.graphs)
     for node in nodes:
-        for out in node.output:
-            tt = types[out].tensor_type if out in types else None
-            known = tt is not None and tt.HasField("shape")
-            if known and len(tt.shape.dim) == 1 and tt.shape.dim[0].dim_value > DATA_PROP_MAX_ELEMENTS:
+        if node.op_type not in DATA_PROP_OPS:
+            continue
+        for name in node.input:
+            tt = types[name].tensor_type if name in types else None
+            if tt is None or not tt.HasField("shape") or len(tt.shape.dim) != 1:
+                continue
+            dim = tt.shape.dim[0]
+            if not dim.HasField("dim_value") or dim.dim_value > DATA_PROP_MAX_ELEMENTS:
                 return False
-            if node.op_type in _SHAPE_BUILDERS and out:
-                if not known or (len(tt.shape.dim) == 1 and not tt.shape.dim[0].HasField("dim_value")):
-                    return False
     return True
 
 
@@ -238,7 +240,7 @@ def tensor_bytes(t: onnx.TensorProto) -> int | None:
     return n * size
 
 
-def _sparse_parts(model: onnx.ModelProto):
+def _sparse_parts(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """The values and indices tensors of every sparse initializer and sparse attribute, subgraphs and
     functions included: onnx's `_get_all_tensors` leaves them out, onnxruntime reads their external data."""
     stack: list = [model.graph, *model.functions]
