@@ -212,16 +212,18 @@ def removing_temps_on_signals() -> Iterator[None]:
 
     The exception unwinds through the writers' ``finally`` blocks, which delete their temporary files;
     the outermost use then re-delivers the signal under the previous handler, so the process ends the
-    way it would have (killed by SIGTERM, KeyboardInterrupt for SIGINT). A signal that was ignored
-    (``nohup``) stays ignored; outside the main thread nothing is installed (Python allows handlers only
-    there). SIGKILL cannot be caught: its debris keeps the `TEMP_PREFIX` name that scans skip.
+    way it would have (killed by SIGTERM, KeyboardInterrupt for SIGINT). Only default handlers are
+    replaced: a signal that was ignored (``nohup``) stays ignored, a program's own handler stays in
+    charge (if it raises, the same ``finally`` blocks clean up). Outside the main thread nothing is
+    installed (Python allows handlers only there). SIGKILL cannot be caught: its debris keeps the
+    `TEMP_PREFIX` name that folder scans skip (`is_bnfold_temp`).
     """
     previous: dict[int, object] = {}
     try:
         for sig in CLEANUP_SIGNALS:
             old = signal.getsignal(sig)
-            if old is signal.SIG_IGN or old is None:  # ignored (nohup), or a handler Python cannot restore
-                continue
+            if old not in (signal.SIG_DFL, signal.default_int_handler, _raise_signal_exit):
+                continue  # ignored (nohup), or the program's own handler: it decides, bnfold does not
             signal.signal(sig, _raise_signal_exit)
             previous[sig] = old
     except ValueError:  # not the main thread

@@ -713,3 +713,22 @@ def test_data_propagation_still_runs_on_ordinary_shape_arithmetic() -> None:
     from bnfold.onnx.api import infer_shapes
 
     assert infer_shapes(m)["output"][0] == [2, 12]
+
+
+def test_signal_handlers_are_restored_and_a_programs_own_handler_is_left_alone() -> None:
+    def own(signum, frame):  # a program's graceful-shutdown handler
+        pass
+
+    before = {s: signal.getsignal(s) for s in files.CLEANUP_SIGNALS}
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        with files.removing_temps_on_signals():
+            assert signal.getsignal(signal.SIGTERM) is own
+            if hasattr(signal, "SIGHUP") and before[signal.SIGHUP] is signal.SIG_DFL:
+                assert signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL  # ours, for the duration
+            with files.removing_temps_on_signals():
+                pass
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert {s: signal.getsignal(s) for s in files.CLEANUP_SIGNALS} == before
