@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import stat
 from pathlib import Path
@@ -39,11 +38,6 @@ def is_bnfold_temp(path: str | os.PathLike[str]) -> bool:
     be caught), not models anyone proposed.
     """
     return any(part.startswith(TEMP_PREFIX) for part in Path(path).parts)
-
-
-def temp_name(target_name: str, what: str = "") -> str:
-    """A fresh temporary name for a file written beside `target_name`: prefix, pid, random token."""
-    return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{'-' + what if what else ''}-{target_name}"
 
 
 def _kind(mode: int) -> str:

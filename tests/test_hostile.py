@@ -275,7 +275,8 @@ PAUSE_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_mid_write_leaves_no_debris_and_the_old_pair_whole(tmp_path: Path, sig: int) -> None:
     src = external_pair(tmp_path, 0, "src.onnx")
-    old = fold_file(src, tmp_path / "out.onnx") and (tmp_path / "out.onnx").read_bytes()
+    fold_file(src, tmp_path / "out.onnx")
+    old = (tmp_path / "out.onnx").read_bytes()
     marker = tmp_path / "marker"
     proc = subprocess.Popen([sys.executable, "-c", PAUSE_SCRIPT, str(src), str(tmp_path / "out.onnx"), str(marker)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -440,7 +441,6 @@ def test_temp_names_are_recognised_for_scans() -> None:
     assert files.is_bnfold_temp(".bnfold-tmp-123-ab-m.onnx")
     assert files.is_bnfold_temp("models/.bnfold-tmp-1-x/m.onnx")
     assert not files.is_bnfold_temp("models/m.onnx")
-    assert files.temp_name("m.onnx").startswith(files.TEMP_PREFIX)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,48 +491,21 @@ LIMITED = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
     from bnfold.check import check_model
     from bnfold.onnx.api import fold_file
-    t = time.perf_counter()
-    r = check_model(sys.argv[1])
-    out = {"check": r.to_dict()}
-    if len(sys.argv) > 2:
-        try:
-            out["fold"] = fold_file(sys.argv[1], sys.argv[2]).to_dict()
-        except Exception as exc:
-            out["fold"] = type(exc).__name__ + ": " + str(exc)
-    out["seconds"] = time.perf_counter() - t
-    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(out))
+    results = {}
+    for name, path, out in json.loads(sys.argv[1]):
+        t = time.perf_counter()
+        r = {"check": check_model(path).to_dict()}
+        if out:
+            try:
+                r["fold"] = fold_file(path, out).to_dict()
+            except Exception as exc:
+                r["fold"] = type(exc).__name__ + ": " + str(exc)
+        r["seconds"] = time.perf_counter() - t
+        r["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # so far, all models
+        results[name] = r
+    print(json.dumps(results))
     """
 )
-
-
-def run_limited(path: Path, out: Path | None = None, timeout: float = 60) -> dict:
-    import json
-
-    args = [sys.executable, "-c", LIMITED, str(path)] + ([str(out)] if out else [])
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-MANY = textwrap.dedent(
-    """
-    import json, resource, sys, time
-    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
-    from bnfold.check import check_model
-    t = time.perf_counter()
-    checks = [check_model(p).to_dict() for p in sys.argv[1:]]
-    print(json.dumps({"checks": checks, "seconds": time.perf_counter() - t}))
-    """
-)
-
-
-def run_limited_many(paths: list[Path], timeout: float = 60) -> dict:
-    import json
-
-    proc = subprocess.run([sys.executable, "-c", MANY, *map(str, paths)], capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _value(name: str, dtype: int, value: float) -> onnx.AttributeProto:
@@ -555,34 +528,8 @@ def cos_model(shape_nodes: list, shape_name: str, extra_inits: list, c: int = 4)
     return model(nodes, [("input", [1, 3, 6, 6])], [("output", [1, c, 4, 4])], inits)
 
 
-def test_constant_of_shape_with_a_huge_shape_finishes_within_3gb(tmp_path: Path) -> None:
-    p = tmp_path / "cos.onnx"
-    onnx.save(cos_model([], "shp", [init("shp", np.array([10**12], np.int64))]), p)
-    assert p.stat().st_size < 2000
-    r = run_limited(p, tmp_path / "out.onnx")
-    assert r["seconds"] < 20 and r["peak_mib"] < 1024, r
-    finding = r["check"]["findings"][0]
-    assert finding["code"] == "not-constant" and "limit" in finding["message"], finding
-    assert isinstance(r["fold"], dict), r["fold"]  # a report, not an exception
-    assert not any(c["status"] == "folded" for c in r["fold"]["candidates"]), r["fold"]
-
-
-def test_constant_of_shape_sized_through_data_propagation_finishes_within_3gb(tmp_path: Path) -> None:
-    """The shape is Shape(input)[0] × 10^9 — only data propagation can see it: it must not run."""
-    shape_nodes = [
-        helper.make_node("Shape", ["input"], ["s"], start=0, end=1),
-        helper.make_node("Mul", ["s", "k"], ["shp"]),
-    ]
-    p = tmp_path / "cos_prop.onnx"
-    onnx.save(cos_model(shape_nodes, "shp", [init("k", np.array([10**9], np.int64))]), p)
-    r = run_limited(p)
-    assert r["seconds"] < 20
-    assert r["check"]["error"] is None, r["check"]
-    assert r["peak_mib"] < 1024, r  # the old code held ~3 GB of dims before failing
-
-
-def test_slice_of_a_huge_declared_input_finishes_within_3gb(tmp_path: Path) -> None:
-    """No ConstantOfShape at all: data propagation materialises a Slice's 1-D input of declared length 10^9."""
+def slice_of_declared_input() -> onnx.ModelProto:
+    """No ConstantOfShape at all: conv bias = Cast(Slice(ids)), `ids` a graph input declared [10^9]."""
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("Slice", ["ids", "st", "en"], ["four"]),
@@ -595,49 +542,99 @@ def test_slice_of_a_huge_declared_input_finishes_within_3gb(tmp_path: Path) -> N
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 6, 6]),
                                            helper.make_tensor_value_info("ids", TensorProto.INT64, [10**9])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 4, 4])], inits)
-    p = tmp_path / "slice.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), p)
-    r = run_limited(p)
-    assert r["check"]["error"] is None and r["peak_mib"] < 1024 and r["seconds"] < 20, r
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_thirty_chained_4096_matmuls_finish_in_seconds(tmp_path: Path) -> None:
-    n, k = 4096, 30
+def matmul_chain(n: int = 4096, k: int = 30) -> onnx.ModelProto:
+    """MatMul weight = ConstantOfShape([n, n]) @ ConstantOfShape([n, n]) @ ... (k MatMuls), then BN."""
     fill = _value("v", TensorProto.FLOAT, 0.001)
     nodes = [helper.make_node("ConstantOfShape", ["shp"], ["w0"], value=fill)]
     for i in range(k):
         nodes.append(helper.make_node("ConstantOfShape", ["shp"], [f"m{i}"], value=fill))
         nodes.append(helper.make_node("MatMul", [f"w{i}", f"m{i}"], [f"w{i + 1}"]))
     nodes += [helper.make_node("MatMul", ["input", f"w{k}"], ["mm"]), bn_node("bn", "mm", "output")]
-    m = model(nodes, [("input", [2, n])], [("output", [2, n])],
-              [init("shp", np.array([n, n], np.int64)), *bn_inits("bn", n, np.random.default_rng(0))])
-    p = tmp_path / "mm.onnx"
-    onnx.save(m, p)
-    r = run_limited(p, tmp_path / "out.onnx")
+    return model(nodes, [("input", [2, n])], [("output", [2, n])],
+                 [init("shp", np.array([n, n], np.int64)), *bn_inits("bn", n, np.random.default_rng(0))])
+
+
+@pytest.fixture(scope="module")
+def resource_runs(tmp_path_factory) -> dict:
+    """Every hostile resource case, checked (and folded where it says so) in ONE child process under a
+    3 GB address-space limit: one interpreter start instead of one per case keeps the suite fast."""
+    import json
+
+    d = tmp_path_factory.mktemp("resource")
+    entries: list[tuple[str, str, str | None]] = []
+
+    def add(name: str, m: onnx.ModelProto, fold: bool) -> None:
+        onnx.save(m, d / f"{name}.onnx")
+        entries.append((name, str(d / f"{name}.onnx"), str(d / f"{name}.out.onnx") if fold else None))
+
+    add("cos", cos_model([], "shp", [init("shp", np.array([10**12], np.int64))]), fold=True)
+    prop = [helper.make_node("Shape", ["input"], ["s"], start=0, end=1), helper.make_node("Mul", ["s", "k"], ["shp"])]
+    add("cos_prop", cos_model(prop, "shp", [init("k", np.array([10**9], np.int64))]), fold=True)
+    add("slice", slice_of_declared_input(), fold=True)
+    add("matmul", matmul_chain(), fold=True)
+    # Files that are not models: a sparse 3 GB file (and a link to it), a FIFO, a private /dev/zero.
+    with open(d / "big.onnx", "wb") as fh:
+        fh.truncate(3 << 30)
+    os.symlink(d / "big.onnx", d / "link-to-big.onnx")
+    specials = ["big.onnx", "link-to-big.onnx"]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(d / "fifo.onnx")
+        specials.append("fifo.onnx")
+    try:
+        os.mknod(d / "zero.onnx", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        os.symlink(d / "zero.onnx", d / "link-to-zero.onnx")
+        specials.append("link-to-zero.onnx")
+    except (PermissionError, OSError):
+        pass
+    entries += [(f, str(d / f), None) for f in specials]
+    proc = subprocess.run([sys.executable, "-c", LIMITED, json.dumps(entries)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_constant_of_shape_with_a_huge_shape_finishes_within_3gb(resource_runs: dict) -> None:
+    """The 463-byte model: conv bias = Slice(ConstantOfShape([10^12])); refused before numpy allocates."""
+    r = resource_runs["cos"]
+    assert r["seconds"] < 20 and r["peak_mib"] < 1024, r
+    finding = r["check"]["findings"][0]
+    assert finding["code"] == "not-constant" and "limit" in finding["message"], finding
+    assert isinstance(r["fold"], dict), r["fold"]  # a report, not an exception
+    assert not any(c["status"] == "folded" for c in r["fold"]["candidates"]), r["fold"]
+
+
+def test_constant_of_shape_sized_through_data_propagation_finishes_within_3gb(resource_runs: dict) -> None:
+    """The shape is Shape(input)[0] × 10^9 — only data propagation can see it: it must not run."""
+    r = resource_runs["cos_prop"]
+    assert r["check"]["error"] is None and isinstance(r["fold"], dict), r
+    assert r["seconds"] < 20 and r["peak_mib"] < 1024, r  # the old code held ~3 GB of dims before failing
+
+
+def test_slice_of_a_huge_declared_input_finishes_within_3gb(resource_runs: dict) -> None:
+    r = resource_runs["slice"]
+    assert r["check"]["error"] is None and isinstance(r["fold"], dict), r
+    assert r["seconds"] < 20 and r["peak_mib"] < 1024, r
+
+
+def test_thirty_chained_4096_matmuls_finish_in_seconds(resource_runs: dict) -> None:
+    """92 s and 2.1 GB in `check` before: the first 4096³ MatMul is now refused before it runs."""
+    r = resource_runs["matmul"]
     assert r["seconds"] < 20 and r["peak_mib"] < 1536, r
     assert "budget" in r["check"]["findings"][0]["message"]
     assert isinstance(r["fold"], dict), r["fold"]
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
-def test_check_reads_only_regular_files_within_the_size_limit(tmp_path: Path) -> None:
-    big = tmp_path / "big.onnx"
-    with open(big, "wb") as fh:  # sparse: 3 GB on paper, nothing on disk
-        fh.truncate(3 << 30)
-    os.symlink(big, tmp_path / "link-to-big.onnx")
-    os.mkfifo(tmp_path / "fifo.onnx")
-    paths = [big, tmp_path / "link-to-big.onnx", tmp_path / "fifo.onnx"]
-    try:
-        os.mknod(tmp_path / "zero.onnx", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # a private /dev/zero
-        os.symlink(tmp_path / "zero.onnx", tmp_path / "link-to-zero.onnx")
-        paths.append(tmp_path / "link-to-zero.onnx")
-    except (PermissionError, OSError):
-        pass
-    r = run_limited_many(paths, timeout=60)  # one interpreter for all: the suite stays fast
-    assert r["seconds"] < 10
-    for p, check in zip(paths, r["checks"]):
-        err = check["error"] or ""
-        assert ("regular files" in err or "limit" in err) and "internal error" not in err, (p, err)
+def test_check_reads_only_regular_files_within_the_size_limit(resource_runs: dict) -> None:
+    """A symlink to /dev/zero or to a 3 GB file was read whole; a FIFO would block the read forever."""
+    names = [n for n in resource_runs if n.endswith(".onnx")]
+    assert len(names) >= 2
+    for name in names:
+        r = resource_runs[name]
+        err = r["check"]["error"] or ""
+        assert ("regular files" in err or "limit" in err) and "internal error" not in err, (name, err)
+        assert r["seconds"] < 10, (name, r)
 
 
 # ------------------------------------------------------------------------------------------------
