@@ -68,8 +68,9 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     already amplifies noise there) and ``γ = 0`` (a dead channel: its output is the constant β).
     """
     gamma, beta, mean, var = (as_f64(a).reshape(-1) for a in (gamma, beta, mean, var))
-    denom = np.sqrt(var + F64(epsilon))
-    scale = gamma / denom
+    with np.errstate(invalid="ignore", divide="ignore"):  # broken channels are reported below, not warned about
+        denom = np.sqrt(var + F64(epsilon))
+        scale = gamma / denom
     shift = beta - scale * mean
     notes: list[str] = []
     # σ² = 0: the running variance collapsed and ε alone sets the scale.
@@ -79,6 +80,14 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
             f"{fragile.size} fragile channel(s) (var = 0 or |scale| > {FRAGILE_SCALE:g}; var+eps as small as "
             f"{float(np.min((var + epsilon)[fragile])):.3g}, |scale| up to {float(np.max(np.abs(scale[fragile]))):.3g}); "
             f"the original model already amplifies noise there: channels {_channel_list(fragile)}"
+        )
+    # A NaN statistic or σ² + ε < 0 makes the original BatchNorm output NaN in that channel; the fold
+    # keeps it so (exact), but a model that computes NaN is broken and the user should hear where.
+    broken = np.flatnonzero(~np.isfinite(gamma) | ~np.isfinite(beta) | ~np.isfinite(mean) | ~(var + F64(epsilon) > 0))
+    if broken.size:
+        notes.append(
+            f"{broken.size} channel(s) with NaN/infinite statistics or negative variance (var+eps <= 0) output "
+            f"NaN in the original model too: channels {_channel_list(broken)}"
         )
     dead = np.flatnonzero(gamma == 0)
     if dead.size:

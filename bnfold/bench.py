@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bnfold import files
 from bnfold.errors import UsageError
 
 LEVEL_LABELS = {
@@ -235,6 +236,7 @@ def bootstrap_ratio_ci(
     return float(lo), float(hi)
 
 
+@files.removing_temps_on_signals()  # its temporary models (bnfold-ort-, bnfold-bench-) go on a kill too
 def bench_onnx(
     original: Any,
     folded: Any = None,

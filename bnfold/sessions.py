@@ -7,6 +7,7 @@ temporary folder that lives as long as the session's `ModelSource`.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ def model_source(model: onnx.ModelProto | str | os.PathLike[str], label: str | N
         p = Path(model)
         if not p.is_file():
             raise InputError(f"{p}: no such file")
+        from bnfold.onnx.io import check_external_data
+
+        check_external_data(p)  # onnxruntime reads external data itself: the same rule as fold, first
         return ModelSource(label or str(p), str(p))
     from bnfold.onnx.io import PROTOBUF_LIMIT, model_size
 
@@ -84,6 +88,12 @@ def make_session(
         session = ort.InferenceSession(source.data, so, providers=session_providers(provider))
     except Exception as exc:  # onnxruntime raises its own types for models it cannot run
         text = " ".join(str(exc).split())
+        newest = re.search(r"support for domain (\S+) is till opset (\d+)", text)
+        if newest:  # onnxruntime's own message is 600 characters of source location and caveats
+            raise InputError(
+                f"{source.label}: its opset is newer than onnxruntime {ort.__version__} runs "
+                f"(domain {newest.group(1)} up to opset {newest.group(2)})"
+            ) from None
         raise InputError(f"{source.label}: onnxruntime cannot load it ({text[:300]})") from None
     assert_running_on(session, provider)
     return session

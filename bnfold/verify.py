@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnfold import files
 from bnfold.feeds import DISTRIBUTIONS, input_specs, load_npz, random_feeds
 from bnfold.providers import choose
 from bnfold.sessions import make_session, model_source
@@ -125,6 +126,7 @@ class VerifyResult:
         return "\n".join(lines)
 
 
+@files.removing_temps_on_signals()  # its temporary models (bnfold-ort-, bnfold-bench-) go on a kill too
 def verify_onnx(
     original: onnx.ModelProto | str | os.PathLike[str],
     folded: onnx.ModelProto | str | os.PathLike[str],

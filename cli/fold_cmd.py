@@ -51,12 +51,13 @@ Examples:
     show_default=True,
     help="Tensors in OUTPUT.data beside the output: auto = as the input had them, or when over 2 GB.",
 )
+@click.option("--force", is_flag=True, help="Overwrite a .data file bnfold did not write (or the input's own).")
 @verification_options("verify before writing")
 @output_options("Print the report (and the verification) as JSON on stdout.")
 @click.pass_context
 @one_line_errors
 def fold(ctx: click.Context, model: Path, output_arg: Path | None, output: Path | None, in_place: bool, verify: bool,
-         assume_constant: bool, external_data: str, as_json: bool, quiet: bool, progress: bool | None,
+         assume_constant: bool, external_data: str, force: bool, as_json: bool, quiet: bool, progress: bool | None,
          **verification: object) -> None:
     """Fold every foldable BatchNorm of MODEL (an .onnx file) and write the result to OUTPUT.
 
@@ -94,7 +95,7 @@ def fold(ctx: click.Context, model: Path, output_arg: Path | None, output: Path 
         external = {"always": True, "never": False}.get(external_data)  # None: as the input had it
         try:
             report = fold_file(model, target, assume_constant=assume_constant, external_data=external,
-                               before_commit=verify_before_commit)
+                               before_commit=verify_before_commit, force=force)
         except VerificationError:
             report = None
     if report is None:

@@ -75,6 +75,7 @@ def fold_file(
     assume_constant: bool = False,
     external_data: bool | None = None,
     before_commit: Callable[[str, FoldReport], None] | None = None,
+    force: bool = False,
 ) -> FoldReport:
     """Fold a model file into another file, in bounded memory, atomically. What `bnfold fold` runs.
 
@@ -82,20 +83,30 @@ def fold_file(
     folded weights of an inline model are written from numpy straight into the file, never copied into
     a second protobuf. ``external_data``: None keeps the input's layout (external when over 2 GB).
     ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place (the
-    command verifies there); if it raises, nothing is written.
+    command verifies there); if it raises, nothing is written. A symlink as target is followed only in
+    place (source and target the same file), else refused. The input's own data file, or a data file
+    bnfold did not write, is overwritten only with ``force`` (`io.data_file_name`). Temporary files are
+    removed on SIGTERM/SIGHUP/SIGINT.
     """
     from contextlib import nullcontext
 
+    from bnfold import files
+
     original, had_external = io.load_model_and_layout(source, load_data=False)
-    target_path = io.check_writable(target)
     external = (had_external or None) if external_data is None else external_data
+    in_place = os.path.exists(target) and os.path.samefile(source, target)
+    protect = set() if in_place else io.external_data_files(original, Path(source), absolute=False)
+    target_path = io.check_writable(target, external_data=external, protect=protect, force=force, follow_symlink=in_place)
     pending: dict[str, np.ndarray] = {}
-    spill_ctx = tempfile.TemporaryDirectory(prefix=".bnfold-spill-", dir=target_path.parent) if had_external else nullcontext(None)
-    with spill_ctx as spill:
-        options = FoldOptions(assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True)
-        folded, report = _fold_model(original, options)
-        hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
-        io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook, pending=pending)
+    with files.removing_temps_on_signals():
+        spill_ctx = (tempfile.TemporaryDirectory(prefix=files.TEMP_PREFIX + "spill-", dir=target_path.parent)
+                     if had_external else nullcontext(None))
+        with spill_ctx as spill:
+            options = FoldOptions(assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True)
+            folded, report = _fold_model(original, options)
+            hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
+            io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook,
+                          pending=pending, protect=protect, force=force)
     return report
 
 
@@ -338,8 +349,13 @@ def infer_shapes(proto: onnx.ModelProto) -> dict[str, tuple[list[int | None], in
     for models over 2 GB and costs no copy of the weights.
     """
     skeleton = io.skeleton(proto)
+    # Data propagation materialises 1-D tensors as lists of dims: a Slice of ConstantOfShape([10^12]) made
+    # it allocate until the machine ran out of memory. It runs only when a first pass without it shows
+    # every 1-D tensor it would materialise to be short (`io.data_prop_is_bounded`).
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=False)
+        if io.data_prop_is_bounded(inferred):
+            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:
         inferred = skeleton
     shapes: dict[str, tuple[list[int | None], int]] = {}

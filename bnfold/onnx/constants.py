@@ -12,6 +12,7 @@ onnx's reference implementation, so no operator semantics are re-written here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 import onnx
@@ -23,6 +24,40 @@ from bnfold.report import Reason, SkipReason
 NON_DETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 MAX_EVAL_ELEMENTS = 1 << 28
 """Refuse to materialise a computed constant larger than this (elements): it is not a parameter."""
+EVAL_BUDGET_ELEMENTS = 1 << 28
+"""All computed constants of one model together (elements; 1 GiB of float32): they stay memoised."""
+EVAL_BUDGET_WORK = 1 << 32
+"""Multiply-adds (MatMul, Gemm, Conv, Einsum) or elements touched (other ops) per model: about a second of
+work. Thirty chained 4096² MatMuls built from ConstantOfShape would otherwise take minutes."""
+
+# Ops whose output can be far larger than their inputs: evaluated only when the size is known first.
+EXPANDING = {
+    "ConstantOfShape", "Expand", "Tile", "Range", "OneHot", "Resize", "Upsample", "Pad", "MatMul", "Gemm",
+    "Conv", "ConvTranspose", "Einsum", "Col2Im", "MatMulInteger", "QLinearMatMul", "CenterCropPad", "EyeLike",
+    "Gather", "GatherElements", "GatherND", "Mul", "Add", "Sub", "Div", "Pow", "Where", "Concat", "Sum", "Max",
+    "Min", "Mean", "And", "Or", "Xor", "Equal", "Less", "Greater", "BitShift", "Mod", "PRelu",
+}
+
+
+class EvalBudget:
+    """What constant evaluation may still spend on one model (see `EVAL_BUDGET_ELEMENTS`, `EVAL_BUDGET_WORK`)."""
+
+    def __init__(self, elements: int = EVAL_BUDGET_ELEMENTS, work: int = EVAL_BUDGET_WORK) -> None:
+        self.elements = elements
+        self.work = work
+
+    def spend(self, elements: int, work: int) -> str | None:
+        """Take `elements` and `work` from the budget, or say why not (and take nothing)."""
+        if elements > MAX_EVAL_ELEMENTS:
+            return f"would hold {elements} elements, over the {MAX_EVAL_ELEMENTS} limit for a constant"
+        if elements > self.elements or work > self.work:
+            return (
+                f"would hold {elements} elements after {work:.3g} operations, beyond what is left of the "
+                "per-model budget for computed constants"
+            )
+        self.elements -= elements
+        self.work -= work
+        return None
 
 
 @dataclass
@@ -47,7 +82,9 @@ class ConstantResolver:
         assume_constant: bool,
         shapes: dict[str, tuple[list[int | None], int]],
         opset: int,
+        budget: EvalBudget | None = None,
     ) -> None:
+        self.budget = budget or EvalBudget()
         self.overridable = overridable
         self.assume_constant = assume_constant
         self.shapes = shapes
@@ -111,17 +148,41 @@ class ConstantResolver:
                 code = r.reason.code if r.reason else Reason.NOT_CONSTANT
                 return Resolved(None, SkipReason(code, f"'{tensor.name}' depends on {msg}"))
             inputs.append(r.value)
+        refusal = self._afford(node, inputs)
+        if refusal is not None:
+            return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) {refusal}"))
         try:
             outputs = _evaluate(node, inputs, self.opset)
         except Exception as exc:  # the reference runtime lacks an op or the inputs are odd
             return Resolved(
-                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) could not be evaluated: {exc}")
+                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) could not be evaluated: {_short(exc)}")
             )
         idx = [o.name for o in node.outputs].index(tensor.name)
         value = np.asarray(outputs[idx])
         if value.size > MAX_EVAL_ELEMENTS:
             return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' is too large to evaluate"))
         return Resolved(value)
+
+    def _afford(self, node: gs.Node, inputs: list[np.ndarray | None]) -> str | None:
+        """Why `node` must not be evaluated (None: go ahead, the budget is charged).
+
+        The output's size is found *before* anything is allocated: by onnx shape inference on the node
+        alone, fed the actual input shapes and its small integer inputs (shapes, repeats, pads) as
+        values. An op that can expand its inputs is refused when that size stays unknown.
+        """
+        shape = _predict_shape(node, inputs, self.opset)
+        if shape is None:
+            shape = _static_shape(node.outputs[0], self.shapes) if node.outputs else None
+        in_sizes = [int(v.size) for v in inputs if v is not None]
+        if shape is None:
+            if node.op in EXPANDING:
+                return "could not be evaluated: its size cannot be known before evaluating it"
+            elements = sum(in_sizes)
+        else:
+            elements = 1
+            for d in shape:
+                elements *= d
+        return self.budget.spend(elements, _work(node, inputs, elements, in_sizes))
 
     def _static_shape_value(self, node: gs.Node, tensor: gs.Tensor) -> Resolved:
         src = node.inputs[0]
@@ -189,10 +250,45 @@ def _dtype_of(tensor: gs.Tensor, shapes: dict[str, tuple[list[int | None], int]]
     return None
 
 
-def _evaluate(node: gs.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
-    """Run one node with onnx's reference implementation."""
-    from onnx.reference import ReferenceEvaluator
+def _work(node: gs.Node, inputs: list[np.ndarray | None], elements: int, in_sizes: list[int]) -> int:
+    """Multiply-adds of a contraction (output elements × reduction length); else elements touched."""
+    a = inputs[0] if inputs else None
+    b = inputs[1] if len(inputs) > 1 else None
+    if node.op in ("MatMul", "MatMulInteger") and a is not None and a.ndim:
+        return elements * int(a.shape[-1])
+    if node.op == "Gemm" and a is not None and a.ndim == 2:
+        return elements * int(a.shape[0] if node.attrs.get("transA", 0) else a.shape[1])
+    if node.op in ("Conv", "ConvTranspose") and b is not None and b.ndim >= 2:
+        return elements * int(np.prod(b.shape[1:]) if node.op == "Conv" else b.shape[0] * np.prod(b.shape[2:]))
+    if node.op == "Einsum":
+        return elements * max(in_sizes, default=1)
+    return elements + sum(in_sizes)
 
+
+def _predict_shape(node: gs.Node, inputs: list[np.ndarray | None], opset: int) -> list[int] | None:
+    """The output's static shape by onnx shape inference on this node alone, or None if not found."""
+    try:
+        small = {i for i, v in enumerate(inputs) if v is not None and v.size <= 64 and v.dtype.kind in "iu"}
+        model = _one_node_model(node, inputs, opset, values=small)
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # no shape function, or one that rejects the inputs: the size stays unknown
+        return None
+    tt = inferred.graph.output[0].type.tensor_type
+    if not tt.HasField("shape") or any(not d.HasField("dim_value") or d.dim_value < 0 for d in tt.shape.dim):
+        return None
+    return [d.dim_value for d in tt.shape.dim]
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _one_node_model(
+    node: gs.Node, inputs: list[np.ndarray | None], opset: int, values: Collection[int] = ()
+) -> onnx.ModelProto:
+    """`node` as a model whose inputs have the given arrays' types and shapes (those in `values`:
+    their values too, as initializers, for shape inference to read)."""
     in_names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
     out_names = [f"o{k}" for k in range(len(node.outputs))]
     attrs = {}
@@ -202,11 +298,21 @@ def _evaluate(node: gs.Node, inputs: list[np.ndarray | None], opset: int) -> lis
         attrs[key] = val
     proto = helper.make_node(node.op, in_names, out_names, domain=node.domain or "", **attrs)
     feeds = {n: v for n, v in zip(in_names, inputs) if n}
+    inits = [onnx.numpy_helper.from_array(inputs[k], in_names[k]) for k in sorted(values)]
     graph = helper.make_graph(
         [proto],
         "eval",
         [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()],
         [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in out_names],
+        inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(node.domain or "", opset)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(node.domain or "", opset)])
+
+
+def _evaluate(node: gs.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """Run one node with onnx's reference implementation."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = _one_node_model(node, inputs, opset)
+    feeds = {f"i{k}": v for k, v in enumerate(inputs) if v is not None}
     return list(ReferenceEvaluator(model).run(None, feeds))

@@ -7,16 +7,19 @@ and the input is never overwritten unless the caller asked for it.
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 
+from bnfold import files
 from bnfold.errors import InputError, OutputError
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -36,39 +39,52 @@ def load_model_and_layout(
     ``load_data=False`` leaves external tensors where they are — in memory only a reference with an
     absolute location — so a model of any size costs next to no memory until a tensor is read
     (`read_tensor`); `save_model` streams such tensors into the output's data file.
+
+    The file may be hostile (`bnfold check` runs in CI on proposed models): it is read only if it is a
+    regular file within protobuf's size limit (`files.read_model_bytes`); every tensor's data must match
+    its dims; external data is read only from regular files inside the model's folder
+    (`external_data_files`), all of it checked before any byte of it is read.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, not an .onnx file")
-    try:
-        model = onnx.load_model(str(p), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise InputError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
-    except Exception as exc:  # protobuf raises assorted types on random bytes
-        raise InputError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
+    model = _parse(p)
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InputError(f"{p}: not an ONNX model (no graph; is it truncated or another format?)")
     external = has_external_data(model)
-    try:
-        if load_data:
-            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-        else:
-            _absolute_locations(model, p.parent)
-    except (FileNotFoundError, OSError) as exc:
-        missing = getattr(exc, "filename", None) or _short(exc)
-        raise InputError(f"{p}: external data file missing or unreadable: {missing}") from None
-    except Exception as exc:
-        raise InputError(f"{p}: cannot read external data ({_short(exc)})") from None
+    check_tensor_sizes(model, what=str(p))
+    external_data_files(model, p, absolute=True)
+    if load_data:
+        _load_external(model)
     if check and external:  # by path: the checker sees the external files as they are, at any size
         try:
             onnx.checker.check_model(str(p))
         except onnx.checker.ValidationError as exc:
             raise InputError(f"{p}: fails the ONNX checker: {_short(exc)}") from None
+        except Exception as exc:  # the checker's own loader on a file it dislikes
+            raise InputError(f"{p}: fails the ONNX checker: {_short(exc)}") from None
     elif check:  # the weights are plain bytes here; checking the structure needs no copy of them
         check_model(model, what=str(p))
     return model, external
+
+
+def check_external_data(path: str | os.PathLike[str]) -> None:
+    """Refuse a model file whose external data lies outside its folder, before another reader opens it.
+
+    onnxruntime reads external data by itself; `bnfold.sessions` calls this before handing it a path,
+    so `verify` and `bench` apply the same rule as `fold` and `check`.
+    """
+    p = Path(path)
+    model = _parse(p)
+    check_tensor_sizes(model, what=str(p))
+    external_data_files(model, p, absolute=False)
+
+
+def _parse(p: Path) -> onnx.ModelProto:
+    """The ModelProto in file `p` (a regular file within the size limit), without external data."""
+    data = files.read_model_bytes(p)
+    try:
+        return onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises assorted types (DecodeError, RuntimeError...) on random bytes
+        raise InputError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> None:
@@ -87,6 +103,48 @@ def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = Fal
         raise InputError(f"{what}: fails the ONNX checker: {_short(exc)}") from None
     except onnx.shape_inference.InferenceError as exc:
         raise InputError(f"{what}: fails ONNX shape inference: {_short(exc)}") from None
+
+
+DATA_PROP_MAX_ELEMENTS = 1 << 16
+"""The longest 1-D input a data-propagating op may have for `infer_shapes(data_prop=True)` to run."""
+DATA_PROP_OPS = {"Add", "Sub", "Mul", "Cast", "Concat", "Gather", "Slice", "Squeeze", "Unsqueeze", "Size"}
+"""The ops whose data propagation materialises a 1-D input as a list of dims (measured on onnx 1.23:
+with a [10^8] input each of these ran out of a 3 GB address space; Identity, Reshape, Expand, Tile,
+Neg, Div, Where and the like did not). Rank ≥ 2 inputs are never materialised."""
+
+
+def data_prop_is_bounded(inferred: onnx.ModelProto) -> bool:
+    """Whether shape inference with ``data_prop=True`` is safe on this model (given the result without it).
+
+    Data propagation turns the 1-D inputs of some ops (`DATA_PROP_OPS`) into lists of dims in memory, at
+    whatever length the graph declares: Slice of ConstantOfShape([10^12]) — a 463-byte model — exhausted
+    memory, and so does a Slice of a graph input declared ``[10^9]``. Safe when every 1-D input of those
+    ops has a known length of at most `DATA_PROP_MAX_ELEMENTS`. An unknown length counts as unsafe (data
+    propagation could find it to be huge: Expand(1, Shape(x) * 10^9) → Slice); an input of unknown rank
+    stays unknown with data propagation too. Real shape arithmetic has a handful of elements.
+    """
+    graphs, nodes = [inferred.graph], []
+    types: dict[str, onnx.TypeProto] = {}
+    while graphs:
+        g = graphs.pop()
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            types[vi.name] = vi.type
+        for node in g.node:
+            nodes.append(node)
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+    for node in nodes:
+        if node.op_type not in DATA_PROP_OPS:
+            continue
+        for name in node.input:
+            tt = types[name].tensor_type if name in types else None
+            if tt is None or not tt.HasField("shape") or len(tt.shape.dim) != 1:
+                continue
+            dim = tt.shape.dim[0]
+            if not dim.HasField("dim_value") or dim.dim_value > DATA_PROP_MAX_ELEMENTS:
+                return False
+    return True
 
 
 def model_size(model: onnx.ModelProto) -> int:
@@ -157,47 +215,288 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def _absolute_locations(model: onnx.ModelProto, base: Path) -> None:
-    """Point every external reference at its file by absolute path (and check that the file is there)."""
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if not onnx.external_data_helper.uses_external_data(tensor):
+# Element sizes of the types whose byte count follows from the dims alone (packed 4-bit types and
+# strings are left to onnx's own reader).
+_ITEMSIZE = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BOOL: 1, onnx.TensorProto.COMPLEX64: 8, onnx.TensorProto.COMPLEX128: 16,
+    **{getattr(onnx.TensorProto, n): 1 for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
+       if hasattr(onnx.TensorProto, n)},
+}
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int | None:
+    """How many bytes of raw data the tensor's dims and type call for; None where that is not fixed."""
+    size = _ITEMSIZE.get(t.data_type)
+    if size is None:
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * size
+
+
+def _sparse_parts(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """The values and indices tensors of every sparse initializer and sparse attribute, subgraphs and
+    functions included: onnx's `_get_all_tensors` leaves them out, onnxruntime reads their external data."""
+    stack: list = [model.graph, *model.functions]
+    while stack:
+        g = stack.pop()
+        sparse = list(getattr(g, "sparse_initializer", []))
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("sparse_tensor"):
+                    sparse.append(attr.sparse_tensor)
+                sparse.extend(attr.sparse_tensors)
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+        for sp in sparse:
+            yield sp.values
+            yield sp.indices
+
+
+def check_tensor_sizes(model: onnx.ModelProto, *, what: str = "model") -> None:
+    """Every inline tensor holds exactly the data its dims promise; else one `InputError` line.
+
+    Written by hand because neither `onnx.checker` nor protobuf compares them: a 16-byte tensor whose
+    dims say 10^9 values passes both and fails deep inside numpy's reshape. Runs before any value is read.
+    """
+    ext = onnx.external_data_helper
+    for t in itertools.chain(ext._get_all_tensors(model), _sparse_parts(model)):
+        if any(d < 0 for d in t.dims):
+            raise InputError(f"{what}: tensor '{t.name}' has negative dims {list(t.dims)}")
+        if ext.uses_external_data(t):
+            continue  # checked against its file by `external_data_files`
+        expected = tensor_bytes(t)
+        if expected is None:
             continue
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                full = (base / entry.value).resolve()
-                if not full.is_file():
-                    raise FileNotFoundError(2, "No such file", str(full))
-                entry.value = str(full)
+        if t.HasField("raw_data") or not any(len(getattr(t, f)) for f in _TYPED_FIELDS):
+            got, unit, want = len(t.raw_data), "bytes", expected
+        else:
+            got = sum(len(getattr(t, f)) for f in _TYPED_FIELDS)
+            per = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+            unit, want = "values", expected // _ITEMSIZE[t.data_type] * per
+        if got != want:
+            raise InputError(
+                f"{what}: tensor '{t.name}': dims {list(t.dims)} call for {want} {unit} of data but it holds {got}"
+            )
+
+
+def external_data_files(model: onnx.ModelProto, model_path: Path, *, absolute: bool = True) -> set[str]:
+    """Check every external reference before anything reads it; return the files they name.
+
+    A location must resolve — `realpath`, so every component counts, a symlinked folder included —
+    to a regular file inside the model's own (resolved) folder, and the tensor's byte range must lie in
+    that file and match its dims. `onnx.checker` refuses ``..``, absolute paths and a symlinked *file*
+    but not a symlinked *folder* (``sub -> /proc/self``, then ``sub/environ``), which is why this is
+    written here. With ``absolute`` each location is rewritten to the resolved path, so later reads
+    open exactly the file checked here. Raises `InputError` naming the tensor and the location.
+    """
+    ext = onnx.external_data_helper
+    base = os.path.realpath(model_path.parent if str(model_path.parent) else ".")
+    found: set[str] = set()
+    sparse = [(t, False) for t in _sparse_parts(model)]  # checked, never rewritten: bnfold does not read them
+    for tensor, rewrite in itertools.chain(((t, absolute) for t in ext._get_all_tensors(model)), sparse):
+        if not ext.uses_external_data(tensor):
+            continue
+        where = f"{model_path}: tensor '{tensor.name}'"
+        try:
+            info = ext.ExternalDataInfo(tensor)
+        except ValueError as exc:
+            raise InputError(f"{where}: bad external data entry ({_short(exc)})") from None
+        location = info.location
+        if not location:
+            raise InputError(f"{where}: external data without a location")
+        try:
+            full = os.path.realpath(os.path.join(base, location))
+        except ValueError:  # a NUL byte in the location
+            raise InputError(f"{where}: external data location {location!r} is not a valid path") from None
+        if os.path.commonpath([full, base]) != base or full == base:
+            raise InputError(
+                f"{where}: external data location '{location}' resolves outside the model's folder "
+                f"(to {full}); refusing to read it"
+            )
+        try:
+            st = os.stat(full)
+        except OSError:
+            raise InputError(f"{where}: external data file missing or unreadable: '{location}'") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{where}: external data location '{location}' is not a regular file")
+        offset = info.offset or 0
+        length = info.length if info.length is not None else max(st.st_size - offset, 0)
+        if offset + length > st.st_size:
+            raise InputError(
+                f"{where}: external data '{location}' is truncated: bytes {offset}..{offset + length} "
+                f"asked for, the file has {st.st_size}"
+            )
+        expected = tensor_bytes(tensor)
+        if expected is not None and length != expected:
+            raise InputError(
+                f"{where}: dims {list(tensor.dims)} call for {expected} bytes, external data "
+                f"'{location}' gives {length}"
+            )
+        found.add(full)
+        if rewrite:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = full
+    return found
+
+
+def _load_external(model: onnx.ModelProto) -> None:
+    """Read every (already checked, absolute) external tensor into the model, as onnx's loader would."""
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            tensor.raw_data = _read_bytes(tensor)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _read_bytes(tensor: onnx.TensorProto) -> bytes:
+    """The bytes of an external tensor whose location `external_data_files` checked and made absolute.
+
+    Opened non-blocking and checked again on the descriptor (a FIFO swapped in since cannot hang the
+    read), and never more than the tensor's own size is read.
+    """
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    if not os.path.isabs(info.location):  # an in-memory model from elsewhere: no folder to check it against
+        raise InputError(
+            f"tensor '{tensor.name}': external data '{info.location}' is relative to a folder bnfold does not "
+            "know; pass the model's path, or load it with bnfold.onnx.io.load_model"
+        )
+    expected = tensor_bytes(tensor)
+    want = info.length if info.length is not None else expected
+    try:
+        fd = os.open(info.location, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError(f"tensor '{tensor.name}': external data '{info.location}' is not a regular file")
+            fh.seek(info.offset or 0)
+            data = fh.read(want) if want is not None else fh.read()
+    except OSError as exc:
+        raise InputError(f"tensor '{tensor.name}': cannot read external data '{info.location}' ({exc.strerror})") from None
+    if (want is not None and len(data) != want) or (expected is not None and len(data) != expected):
+        raise InputError(f"tensor '{tensor.name}': external data '{info.location}' is shorter than its tensor (truncated?)")
+    return data
 
 
 def read_tensor(tensor: onnx.TensorProto) -> np.ndarray:
-    """A tensor's values, read from its external file if it has one (absolute location)."""
+    """A tensor's values, read from its external file if it has one (absolute, checked location)."""
     if not onnx.external_data_helper.uses_external_data(tensor):
         return onnx.numpy_helper.to_array(tensor)
-    info = onnx.external_data_helper.ExternalDataInfo(tensor)
-    with open(info.location, "rb") as fh:
-        fh.seek(info.offset or 0)
-        data = fh.read(info.length) if info.length else fh.read()
     inline = onnx.TensorProto()
     inline.name, inline.data_type = tensor.name, tensor.data_type
     inline.dims.extend(tensor.dims)
-    inline.raw_data = data
+    inline.raw_data = _read_bytes(tensor)
     return onnx.numpy_helper.to_array(inline)
 
 
-def check_writable(path: str | os.PathLike[str], *, overwrite_ok: bool = True) -> Path:
-    """Fail early, before any work, when the output cannot be written where asked."""
-    target = Path(path)
+def check_writable(
+    path: str | os.PathLike[str],
+    *,
+    overwrite_ok: bool = True,
+    external_data: bool | None = False,
+    protect: Collection[str] = (),
+    force: bool = False,
+    follow_symlink: bool = False,
+) -> Path:
+    """Fail early, before any work, when the output cannot be written where asked; returns the real target.
+
+    The target is where `files.output_target` says (never a device, FIFO, socket or directory; a
+    symlink's target only with ``follow_symlink``, for in-place folds). With ``external_data`` the data
+    file's name is settled here too (`data_file_name`), so a refusal to overwrite comes before the fold.
+    """
+    target = files.output_target(path, follow_symlink=follow_symlink)
     parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise OutputError(f"{target}: is a directory; give a file name for the output")
     if not parent.is_dir():
         raise OutputError(f"{parent}: output folder does not exist")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{parent}: output folder is not writable")
     if target.exists() and not overwrite_ok:
         raise OutputError(f"{target}: exists; refusing to overwrite")
+    if external_data:
+        data_file_name(target, protect=protect, force=force)
     return target
+
+
+def _own_data_names(target: Path) -> tuple[str, str]:
+    """The two names bnfold gives the data file of `target`; consecutive writes alternate between them."""
+    return target.name + ".data", target.name + ".1.data"
+
+
+def referenced_data(model_path: Path) -> set[str]:
+    """Resolved paths of bnfold's own data files (`_own_data_names`) that the model now at `model_path`
+    reads: the only ones the commit must not overwrite and may clean up. Lenient: empty when there is no
+    model or it cannot be parsed; the .onnx file is parsed only when such a data file exists beside it
+    (an inline 2 GB output is not read back for nothing)."""
+    own = {os.path.realpath(model_path.parent / n) for n in _own_data_names(model_path)}
+    if not model_path.is_file() or not any(os.path.lexists(p) for p in own):
+        return set()
+    try:
+        model = _parse(model_path)
+    except InputError:
+        return set()
+    base = os.path.realpath(model_path.parent)
+    found = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value:
+                try:
+                    found.add(os.path.realpath(os.path.join(base, entry.value)))
+                except ValueError:
+                    pass
+    return found & own
+
+
+def data_file_name(
+    target: Path, *, protect: Collection[str] = (), force: bool = False, old_refs: set[str] | None = None
+) -> str:
+    """The name of the new external data file beside `target`; `OutputError` where bnfold must not write it.
+
+    The two-file commit needs a name the model now at `target` does not read, so that the old pair stays
+    whole until the model itself is replaced: ``<name>.data``, or ``<name>.1.data`` when the existing output
+    reads the first. A file already there under the chosen name is replaced without ``force`` only when
+    bnfold wrote it (it starts with `DATA_MAGIC`: debris of a commit cut short by SIGKILL, say) and the
+    input does not read it. Otherwise it is one the input model reads (``protect``: overwriting it would
+    break the input) or someone else's file bnfold cannot know to be disposable.
+    """
+    old = referenced_data(target) if old_refs is None else old_refs
+    parent = target.parent
+    names = [n for n in _own_data_names(target) if os.path.realpath(parent / n) not in old]
+    name = names[0] if names else f"{target.name}.{secrets.token_hex(4)}.data"
+    candidate = parent / name
+    if not os.path.lexists(candidate):
+        return name
+    st = os.lstat(candidate)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise OutputError(f"{candidate}: exists and is not a regular file; refusing to replace it")
+    if force:
+        return name
+    if os.path.realpath(candidate) in protect:
+        raise OutputError(f"{candidate}: is external data the input model reads; refusing to overwrite it (--force overwrites)")
+    if stat.S_ISREG(st.st_mode) and _written_by_bnfold(candidate):
+        return name  # left by an interrupted commit of bnfold's (or an output since replaced): disposable
+    raise OutputError(
+        f"{candidate}: exists and no bnfold output at {target.name} reads it; refusing to overwrite it (--force overwrites)"
+    )
+
+
+DATA_MAGIC = b"bnfold external data\n"
+"""The first bytes of every data file bnfold writes (its tensors start at 4096, past the padding): how a
+later run knows a data file with no model reading it as debris of its own rather than someone's weights."""
+
+
+def _written_by_bnfold(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(DATA_MAGIC)) == DATA_MAGIC
+    except OSError:
+        return False
 
 
 def save_model(
@@ -209,16 +508,21 @@ def save_model(
     keep_data: bool = True,
     before_commit: Callable[[str], None] | None = None,
     pending: dict[str, np.ndarray] | None = None,
+    protect: Collection[str] = (),
+    force: bool = False,
 ) -> list[Path]:
-    """Write atomically: into a temporary folder next to `path`, then rename into place.
+    """Write atomically: into a temporary folder next to `path`, then rename into place (`_commit`).
 
-    ``external_data=None`` keeps tensors inline unless the model is over 2 GB; ``True`` writes them to
-    ``<name>.data`` beside the model. Writing external data empties the tensors of `model`; with
-    ``keep_data`` (the default) they are read back so the caller's model stays whole. Tensors that are
-    references to another file (`load_model_and_layout(load_data=False)`) are streamed into the new data
-    file. ``pending`` holds the values of data-less stand-in initializers (see `api.fold_file`), written
-    straight from numpy. ``before_commit(tmp_path)`` runs on the written files before they are renamed into place (the
-    fold command verifies there): if it raises, nothing is written. Returns the paths written (model last).
+    ``external_data=None`` keeps tensors inline unless the model is over 2 GB; ``True`` writes them to a
+    data file beside the model (`data_file_name`). Writing external data empties the tensors of `model`;
+    with ``keep_data`` (the default) they are read back so the caller's model stays whole. Tensors that
+    are references to another file (`load_model_and_layout(load_data=False)`) are streamed into the new
+    data file. ``pending`` holds the values of data-less stand-in initializers (see `api.fold_file`),
+    written straight from numpy. ``before_commit(tmp_path)`` runs on the written files before they are
+    renamed into place (the fold command verifies there): if it raises, nothing is written.
+    ``protect``: resolved paths of files the input model reads, never overwritten without ``force``.
+    The temporary folder (`files.TEMP_PREFIX`) is removed on SIGTERM/SIGHUP/SIGINT too.
+    Returns the paths written (model last).
     """
     target = check_writable(path, overwrite_ok=overwrite_ok)
     parent = target.parent
@@ -228,36 +532,89 @@ def save_model(
         external_data = too_big
     elif not external_data and too_big:
         raise OutputError(f"{target}: the model is over 2 GB and cannot be written inline; use external data")
-    data_name = target.name + ".data"
-    try:
-        tmpdir = tempfile.mkdtemp(prefix=".bnfold-", dir=parent)
-    except OSError as exc:
-        raise OutputError(f"{parent}: cannot write there ({_short(exc)})") from None
-    written: list[Path] = []
-    try:
-        tmp_model = os.path.join(tmpdir, target.name)
+    old_refs = referenced_data(target)
+    data_name = data_file_name(target, protect=protect, force=force, old_refs=old_refs) if external_data else None
+    mode = files.output_mode(target)
+    with files.removing_temps_on_signals():
         try:
-            if external_data:
-                _write_with_external_data(model, tmp_model, data_name, keep_data=keep_data, before=before_commit, pending=pending)
-            else:
-                _materialize(model)
-                if pending:
-                    _write_streaming(model, tmp_model, pending)
+            tmpdir = tempfile.mkdtemp(prefix=files.TEMP_PREFIX, dir=parent)
+        except OSError as exc:
+            raise OutputError(f"{parent}: cannot write there ({_short(exc)})") from None
+        try:
+            tmp_model = os.path.join(tmpdir, target.name)
+            try:
+                if data_name is not None:
+                    _write_with_external_data(model, tmp_model, data_name, keep_data=keep_data, before=before_commit, pending=pending)
                 else:
-                    _write_serialized(model, tmp_model)
-                if before_commit is not None:
-                    before_commit(tmp_model)
-        except (OSError, ValueError) as exc:
-            raise OutputError(f"{target}: cannot write ({_short(exc)})") from None
-        tmp_data = os.path.join(tmpdir, data_name)
-        if os.path.exists(tmp_data):
-            os.replace(tmp_data, parent / data_name)
-            written.append(parent / data_name)
+                    _materialize(model)
+                    if pending:
+                        _write_streaming(model, tmp_model, pending)
+                    else:
+                        _write_serialized(model, tmp_model)
+                    if before_commit is not None:
+                        before_commit(tmp_model)
+            except (OSError, ValueError) as exc:
+                raise OutputError(f"{target}: cannot write ({_short(exc)})") from None
+            tmp_data = os.path.join(tmpdir, data_name) if data_name is not None else None
+            return _commit(tmp_model, tmp_data, target, mode, old_refs, protect)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _commit(
+    tmp_model: str, tmp_data: str | None, target: Path, mode: int, old_refs: set[str], protect: Collection[str]
+) -> list[Path]:
+    """Move the new model (and its data file) into place so that a crash at any point leaves a whole pair.
+
+    Order: both files flushed to disk; the data file renamed to its final name, which the old model does
+    not read (`data_file_name`), so the old pair still loads; then the model replaced in one rename —
+    the switch from the old pair to the new; last, the data file(s) of the old output removed (only
+    bnfold's own names for `target`, never a file the input reads). The renames run with termination
+    signals deferred (`files.signals_deferred`), so a SIGTERM acts before or after them, never between.
+    """
+    parent = target.parent
+    written: list[Path] = []
+    data_ok = tmp_data is not None and os.path.exists(tmp_data)
+    owner = os.stat(target) if target.exists() else None
+    for f in ([tmp_data] if data_ok else []) + [tmp_model]:
+        os.chmod(f, mode)
+        if owner is not None:  # in place as root: the file stays its owner's (elsewhere chown is refused)
+            try:
+                os.chown(f, owner.st_uid, owner.st_gid)
+            except OSError:
+                pass
+        _fsync(f)
+    with files.signals_deferred():
+        new_data = None
+        if data_ok:
+            new_data = parent / os.path.basename(tmp_data)  # type: ignore[arg-type]
+            os.replace(tmp_data, new_data)  # type: ignore[arg-type]
+            written.append(new_data)
+            _fsync(parent)
         os.replace(tmp_model, target)
+        _fsync(parent)
         written.append(target)
-        return written
+        keep = {os.path.realpath(new_data)} if new_data is not None else set()
+        for old in old_refs - keep - set(protect):  # bnfold's own names only (`referenced_data`)
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
+    return written
+
+
+def _fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file or a folder to disk (best effort: some file systems refuse it on folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        os.close(fd)
 
 
 COPY_CHUNK = 64 << 20
@@ -281,6 +638,7 @@ def _write_with_external_data(
     restore: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, int, int, bool]] = []
     data_path = os.path.join(os.path.dirname(tmp_model), data_name)
     with open(data_path, "wb") as out:
+        out.write(DATA_MAGIC)  # tensors are page-aligned, so they start at 4096 all the same
         for tensor in ext._get_all_tensors(model):
             if pending and _is_stand_in(tensor, pending):
                 offset = _align(out)
@@ -292,7 +650,8 @@ def _write_with_external_data(
                 offset = _align(out)
                 with open(info.location, "rb") as src:
                     src.seek(info.offset or 0)
-                    remaining = info.length if info.length else os.path.getsize(info.location) - (info.offset or 0)
+                    remaining = (info.length if info.length is not None  # 0 is a length (an empty tensor)
+                                 else os.path.getsize(info.location) - (info.offset or 0))
                     while remaining > 0:
                         chunk = src.read(min(COPY_CHUNK, remaining))
                         if not chunk:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bnfold import files
 from bnfold.errors import OutputError, UsageError, VerificationError
 from bnfold.report import FoldReport, Status
 from bnfold.torch.api import _as_args, _run, fold_torch
@@ -56,8 +57,9 @@ def export_onnx(
     kwargs: dict[str, Any] = {"dynamo": False}
     kwargs.update(export_kwargs)
     our_default = "dynamo" not in export_kwargs
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".bnfold-tmp-{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp_name, files.output_mode(target))  # mkstemp's 0600 would make the model private
     tmp = Path(tmp_name)
     try:
         with torch.no_grad(), warnings.catch_warnings():
