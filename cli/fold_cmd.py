@@ -55,34 +55,20 @@ def fold(
     The fold is verified against the original with onnxruntime on CPU before anything is written; on a
     mismatch nothing is written and the exit code is 1.
     """
-    from bnfold.errors import UsageError, VerificationError
+    from bnfold.errors import UsageError
     from bnfold.onnx.api import default_output_path, fold_file
+    from bnfold.verify import NotEquivalent, VerifyOptions
 
     target = _output_path(model, output, in_place, default_output_path, UsageError)
-    checked: list = []
-    reports: list = []
-
-    def verify_before_commit(written: str, report) -> None:
-        """Compare the written file with the input before it is renamed into place."""
-        from bnfold.verify import verify_onnx
-
-        reports.append(report)
-        if not (verify and report.folded):
-            return
-        checked.append(verify_onnx(model, written))
-        checked[-1].folded = str(target)  # the name it is about to get, not the temporary one
-        if not checked[-1].passed:
-            raise VerificationError("verification failed")
-
     external = {"always": True, "never": False}.get(external_data)  # None: as the input had it
     try:
         report = fold_file(model, target, assume_constant=assume_constant, external_data=external,
-                           before_commit=verify_before_commit)
-    except VerificationError:
-        _emit(reports[-1], checked[-1], as_json, quiet=False, written=None)
+                           verify=VerifyOptions() if verify else False)
+    except NotEquivalent as failed:
+        _emit(failed.report, failed.verification, as_json, quiet=False, written=None)
         click.echo(f"bnfold: verification failed; nothing written to {target}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
-    _emit(report, checked[-1] if checked else None, as_json, quiet, written=target)
+    _emit(report, report.verification, as_json, quiet, written=target)
     sys.exit(EXIT_OK)
 
 

@@ -52,14 +52,17 @@ def fold_file(
     assume_constant: bool = False,
     external_data: bool | None = None,
     before_commit: Callable[[str, FoldReport], None] | None = None,
+    verify: "bool | VerifyOptions" = False,
 ) -> FoldReport:
     """Fold a model file into another file, in bounded memory, atomically. What `bnfold fold` runs.
 
     Weights kept in external data are read one at a time and folded ones spill beside the target;
     folded weights of an inline model are written from numpy straight into the file, never copied into
     a second protobuf. ``external_data``: None keeps the input's layout (external when over 2 GB).
-    ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place (the
-    command verifies there); if it raises, nothing is written.
+    ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place; if it
+    raises, nothing is written. ``verify`` (True, or a `bnfold.verify.VerifyOptions`): the written file
+    is verified against ``source`` first (`bnfold.verify`), the result lands in ``report.verification``,
+    and a fold that fails raises `bnfold.verify.NotEquivalent` (carrying both) with nothing written.
     """
     from contextlib import nullcontext
 
@@ -72,9 +75,30 @@ def fold_file(
         folded, report = _fold_model(
             original, assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True
         )
-        hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
+        hooks = [h for h in (_verifier(source, target_path, verify), before_commit) if h is not None]
+        hook = (lambda written: [h(written, report) for h in hooks]) if hooks else None
         io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook, pending=pending)
     return report
+
+
+def _verifier(source, target: Path, verify) -> Callable[[str, FoldReport], None] | None:
+    """`fold_file`'s verify-before-writing step (None when not asked for); a file in which nothing
+    folded is the input itself, so there is nothing to verify."""
+    if verify is False or verify is None:
+        return None
+    from bnfold.verify import NotEquivalent, VerifyOptions, verify_file
+
+    options = verify if isinstance(verify, VerifyOptions) else VerifyOptions()
+
+    def check(written: str, report: FoldReport) -> None:
+        if not report.folded:
+            return
+        result = report.verification = verify_file(source, written, options)
+        result.folded = str(target)  # the name it is about to get, not the temporary one
+        if not result.passed:
+            raise NotEquivalent(result, report)
+
+    return check
 
 
 def _fold_model(
