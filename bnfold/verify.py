@@ -265,20 +265,37 @@ def verify_file(original: str | os.PathLike[str], folded: str | os.PathLike[str]
 
 
 def perturbed(model: onnx.ModelProto | str | os.PathLike[str], seed: int = 0) -> onnx.ModelProto:
-    """A copy of ``model`` with every finite float initializer (and Constant) moved by one ulp, up or
-    down at random (seeded): a legitimate re-rounding of the same function, at least as large as a
-    fold's own (which rounds each folded weight once, to nearest)."""
+    """A copy of ``model`` with every finite float parameter of its arithmetic (initializers and
+    Constants feeding only `ARITHMETIC` ops) moved by one ulp, up or down at random (seeded): a
+    legitimate re-rounding of the same function, at least as large as a fold's own (which rounds each
+    folded weight once, to nearest)."""
     if isinstance(model, (str, os.PathLike)):
         proto = onnx.load(str(model))
     else:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     rng = np.random.default_rng([seed, 0x1F])
+    consumers: dict[str, set[str]] = {}
+    for n in proto.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, set()).add(n.op_type)
     tensors = list(proto.graph.initializer)
     tensors += [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    for t in tensors:
-        _nudge(t, rng)
+    for t, out in zip(tensors, [t.name for t in proto.graph.initializer] + [
+        n.output[0] for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]):
+        if consumers.get(out) and consumers[out] <= ARITHMETIC:
+            _nudge(t, rng)
     return proto
+
+
+ARITHMETIC = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div", "PRelu",
+    "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+})
+"""Ops whose float inputs are values (weights, biases, statistics, operands): a ±1 ulp nudge there is a
+re-rounding of the same function. A float tensor that feeds anything else stays: Resize's scales, say,
+where 1 − 1 ulp turns 64 channels into 63."""
 
 
 def _nudge(t: onnx.TensorProto, rng: np.random.Generator) -> None:

@@ -78,6 +78,22 @@ def test_fold_writes_nothing_when_verification_fails(tmp_path: Path, monkeypatch
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_fold_that_ignores_gemm_beta_fails(monkeypatch) -> None:
+    """gemm_bn.onnx has β = 2: a fold that forgets to divide the BN's shift by β is wrong by t/2."""
+    import bnfold.affine as A
+
+    def ignores_beta(b_matrix, c, a, *, trans_b, beta):
+        folded_b = A.as_f64(b_matrix) * (a.scale[:, None] if trans_b else a.scale[None, :])
+        return folded_b, a.scale * A.as_f64(c) + a.shift, beta
+
+    path = ROOT / "sample_models" / "gemm_bn.onnx"
+    monkeypatch.setattr(A, "fold_into_gemm", ignores_beta)
+    bad, report = fold_onnx(path)
+    assert report.folded == 1
+    result = verify_onnx(path, bad)
+    assert not result.passed and "DIFFERENT" in str(result)
+
+
 def test_no_verify_skips_the_check(tmp_path: Path, monkeypatch) -> None:
     corrupt_conv_plans(monkeypatch)
     result = CliRunner().invoke(main, [str(RESNET), "-o", str(tmp_path / "o.onnx"), "--no-verify"])
@@ -309,6 +325,18 @@ def test_sample_fp16_model_folds_and_passes() -> None:
     result = verify_onnx(path, folded, trials=3)
     (out,) = result.outputs["cpu"]
     assert result.passed and out.dtype == "float16" and out.floor == FLOOR["float16"], str(result)
+
+
+def test_an_input_too_large_to_allocate_is_a_one_line_error(tmp_path: Path) -> None:
+    """A fixed dimension of 10^12: exit 2 with one line that names the input, never a MemoryError."""
+    m = model([helper.make_node("Relu", ["input"], ["output"], name="relu")], [("input", [1, 10**12])],
+              [("output", [1, 10**12])], [])
+    path = tmp_path / "huge.onnx"
+    onnx.save(m, path)
+    result = CliRunner().invoke(main, ["verify", str(path), str(path)])
+    assert result.exit_code == EXIT_USAGE and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert "input 'input' of shape 1x1000000000000" in line and "--shape" in line
 
 
 def test_all_non_finite_output_is_not_a_pass() -> None:
