@@ -347,13 +347,37 @@ def _note_non_finite(c: OutputComparison, provider: str, notes: list[str]) -> No
         )
 
 
+def compare_outputs(
+    names: Sequence[str],
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    noise: Sequence[tuple[str, Sequence[np.ndarray]]],
+    *,
+    dtypes: Sequence[str] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    trial: str = "example inputs",
+) -> list[OutputComparison]:
+    """The same judgement as `verify_onnx`, on outputs another front-end computed (one trial).
+
+    ``noise``: (what it is, outputs) pairs, legitimate re-roundings of ``reference``. ``dtypes``: the
+    model's output dtypes where ``reference`` is held in a wider one (a float64 copy), so that the floor
+    is the model's."""
+    comps: dict[str, OutputComparison] = {}
+    for k, (name, a, b) in enumerate(zip(names, reference, candidate)):
+        others = [(what, np.asarray(outs[k])) for what, outs in noise]
+        _accumulate(comps, name, np.asarray(a), np.asarray(b), others, rtol, atol, trial, dtype=None if dtypes is None else dtypes[k])
+    return list(comps.values())
+
+
 def _accumulate(
     comps: dict[str, OutputComparison], name: str, a: np.ndarray, b: np.ndarray,
     others: Sequence[tuple[str, np.ndarray]], rtol: float | None, atol: float | None, dist: str,
+    dtype: str | None = None,
 ) -> None:
     """Judge one output on one trial: ``a`` the original's, ``b`` the folded model's, ``others`` the
     original's re-rounded runs (what, values) whose distance from ``a`` is the noise."""
-    dtype = a.dtype.name
+    dtype = dtype or a.dtype.name
     c = comps.get(name)
     if c is None:
         c = comps[name] = OutputComparison(name, dtype, list(a.shape))
@@ -363,7 +387,7 @@ def _accumulate(
         c.passed = False
         c.problem = f"shapes {list(a.shape)} vs {list(b.shape)} ({dist} inputs)"
         return
-    if not np.issubdtype(a.dtype, np.floating):  # integers, bool, strings: equal or not
+    if not np.issubdtype(a.dtype, np.floating) or not np.issubdtype(b.dtype, np.floating):  # equal or not
         differ = a != b
         c.mismatches += int(np.count_nonzero(differ))
         if differ.any():
@@ -399,7 +423,7 @@ def _accumulate(
             noise_abs, source = n, what
     rel = (lambda x: x / scale) if scale > 0 else (lambda x: 0.0 if x == 0 else float("inf"))
     judged_error = max(max_abs - c.atol, 0.0)
-    j: Judgement = judge(rel(judged_error), rel(noise_abs), dtype, scale=scale, floor=None if rtol is None else rtol)
+    j: Judgement = judge(rel(judged_error), rel(noise_abs), dtype, scale=scale, floor=rtol, source=source)
     figures = TrialFigures(dist, rel(max_abs), rel(noise_abs), source, scale, j.allowed, j.passed)
     c.trials.append(figures)
     c.mismatches += int(np.count_nonzero(err > c.atol + j.allowed * scale))

@@ -175,3 +175,36 @@ def test_break_it_fold_is_refused_and_nothing_written(case, how, exported, tmp_p
     assert not failed.value.verification.passed and not out.exists()
     result = CliRunner().invoke(main, [str(exported[case]), "-o", str(out)])
     assert result.exit_code == EXIT_CHECK_FAILED and "DIFFERENT" in result.output and not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("name", ["detector", "levit"])
+def test_export_onnx_passes_a_correct_fold_and_says_what_it_measured(name, nets, tmp_path: Path, monkeypatch) -> None:
+    """`export_onnx` on a deep net with trained-like statistics: written, and the note names the float64
+    copy and the noise; an exported model whose outputs are 0.1 % off is refused in the same words."""
+    import bnfold
+    import bnfold.torch.export as export
+    from bnfold.errors import VerificationError
+
+    net, x = nets[name]
+    _, report = bnfold.export_onnx(net, x, tmp_path / "ok.onnx", output_names=deep.OUTPUT_NAMES.get(name))
+    (note,) = [n for n in report.notes if n.startswith("onnxruntime")]
+    assert (tmp_path / "ok.onnx").exists() and "float64 copy" in note and "equivalent" in note and "DIFFERENT" not in note
+    import bnfold.sessions as sessions
+
+    real = sessions.make_session
+
+    class OffBy1e3:  # onnxruntime's outputs of the exported file, 0.1 % too large
+        def __init__(self, session) -> None:
+            self.session = session
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, *a, **k):
+            return [o * np.float32(1.001) for o in self.session.run(*a, **k)]
+
+    monkeypatch.setattr(sessions, "make_session", lambda *a, **k: OffBy1e3(real(*a, **k)))
+    with pytest.raises(VerificationError, match="float64 copy") as failed:
+        bnfold.export_onnx(net, x, tmp_path / "bad.onnx", output_names=deep.OUTPUT_NAMES.get(name))
+    assert "DIFFERENT" in str(failed.value) and not (tmp_path / "bad.onnx").exists()
