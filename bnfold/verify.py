@@ -69,6 +69,7 @@ class TrialFigures:
     scale: float
     allowed: float
     passed: bool
+    noise_by_source: dict[str, float] = field(default_factory=dict)  # each re-rounding's own figure
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -414,17 +415,18 @@ def _accumulate(
     scale = float(np.max(np.abs(a64[compared])))
     err = np.abs(a64[compared] - b64[compared])
     max_abs = float(err.max())
-    noise_abs, source = 0.0, ""
+    noise_abs, source, by_source = 0.0, "", {}
     for what, o in others:
         o64 = o.astype(np.float64)
         both = compared & np.isfinite(o64)
         n = float(np.max(np.abs(a64[both] - o64[both]))) if both.any() else 0.0
+        by_source[what] = n / scale if scale > 0 else 0.0
         if n > noise_abs:
             noise_abs, source = n, what
     rel = (lambda x: x / scale) if scale > 0 else (lambda x: 0.0 if x == 0 else float("inf"))
     judged_error = max(max_abs - c.atol, 0.0)
     j: Judgement = judge(rel(judged_error), rel(noise_abs), dtype, scale=scale, floor=rtol, source=source)
-    figures = TrialFigures(dist, rel(max_abs), rel(noise_abs), source, scale, j.allowed, j.passed)
+    figures = TrialFigures(dist, rel(max_abs), rel(noise_abs), source, scale, j.allowed, j.passed, by_source)
     c.trials.append(figures)
     c.mismatches += int(np.count_nonzero(err > c.atol + j.allowed * scale))
     c.max_abs = max(c.max_abs, max_abs)
