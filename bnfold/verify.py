@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -256,6 +256,28 @@ def verify_file(original: str | os.PathLike[str], folded: str | os.PathLike[str]
     o = options or VerifyOptions()
     return verify_onnx(original, folded, provider=o.provider, trials=o.trials, seed=o.seed, shapes=o.shapes,
                        inputs=o.inputs, rtol=o.rtol, atol=o.atol)
+
+
+def before_writing(
+    source: str | os.PathLike[str], target: str | os.PathLike[str], verify: bool | VerifyOptions | None
+) -> Callable[[str, Any], None] | None:
+    """`fold_file`'s verify-before-writing step, or None when not asked for: ``check(written, report)``
+    verifies the written temporary file against ``source``, puts the result in ``report.verification``
+    (named for ``target``, the name it is about to get) and raises `NotEquivalent` on a failure, so
+    that nothing is written. A file in which nothing folded is the input itself: nothing to verify."""
+    if verify is False or verify is None:
+        return None
+    options = verify if isinstance(verify, VerifyOptions) else VerifyOptions()
+
+    def check(written: str, report: Any) -> None:
+        if not report.folded:
+            return
+        result = report.verification = verify_file(source, written, options)
+        result.folded = str(target)
+        if not result.passed:
+            raise NotEquivalent(result, report)
+
+    return check
 
 
 def perturbed(model: onnx.ModelProto | str | os.PathLike[str], seed: int = 0) -> onnx.ModelProto:

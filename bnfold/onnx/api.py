@@ -75,30 +75,12 @@ def fold_file(
         folded, report = _fold_model(
             original, assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True
         )
-        hooks = [h for h in (_verifier(source, target_path, verify), before_commit) if h is not None]
+        from bnfold.verify import before_writing
+
+        hooks = [h for h in (before_writing(source, target_path, verify), before_commit) if h is not None]
         hook = (lambda written: [h(written, report) for h in hooks]) if hooks else None
         io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook, pending=pending)
     return report
-
-
-def _verifier(source, target: Path, verify) -> Callable[[str, FoldReport], None] | None:
-    """`fold_file`'s verify-before-writing step (None when not asked for); a file in which nothing
-    folded is the input itself, so there is nothing to verify."""
-    if verify is False or verify is None:
-        return None
-    from bnfold.verify import NotEquivalent, VerifyOptions, verify_file
-
-    options = verify if isinstance(verify, VerifyOptions) else VerifyOptions()
-
-    def check(written: str, report: FoldReport) -> None:
-        if not report.folded:
-            return
-        result = report.verification = verify_file(source, written, options)
-        result.folded = str(target)  # the name it is about to get, not the temporary one
-        if not result.passed:
-            raise NotEquivalent(result, report)
-
-    return check
 
 
 def _fold_model(
