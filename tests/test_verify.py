@@ -327,6 +327,26 @@ def test_sample_fp16_model_folds_and_passes() -> None:
     assert result.passed and out.dtype == "float16" and out.floor == FLOOR["float16"], str(result)
 
 
+def test_a_noise_measure_onnxruntime_cannot_build_is_left_out_with_a_note(monkeypatch) -> None:
+    """An optimiser that fails on the original is no reason to fail the fold: ±1 ulp still measures."""
+    import bnfold.verify as verify_mod
+    from bnfold.errors import InputError
+
+    real = verify_mod.make_session
+
+    def no_optimiser(source, provider="cpu", level="disable_all", *a, **k):
+        if level == "enable_all":
+            raise InputError("original: onnxruntime cannot load it (optimiser failed)")
+        return real(source, provider, level, *a, **k)
+
+    monkeypatch.setattr(verify_mod, "make_session", no_optimiser)
+    folded, _ = fold_onnx(RESNET)
+    result = verify_onnx(RESNET, folded)
+    (out,) = result.outputs["cpu"]
+    assert result.passed and out.noise > 0 and out.noise_source == verify_mod.ULP_NOISE
+    assert any("onnxruntime's own optimisation left out" in n for n in result.notes), result.notes
+
+
 def test_an_input_too_large_to_allocate_is_a_one_line_error(tmp_path: Path) -> None:
     """A fixed dimension of 10^12: exit 2 with one line that names the input, never a MemoryError."""
     m = model([helper.make_node("Relu", ["input"], ["output"], name="relu")], [("input", [1, 10**12])],

@@ -208,3 +208,24 @@ def test_export_onnx_passes_a_correct_fold_and_says_what_it_measured(name, nets,
     with pytest.raises(VerificationError, match="float64 copy") as failed:
         bnfold.export_onnx(net, x, tmp_path / "bad.onnx", output_names=deep.OUTPUT_NAMES.get(name))
     assert "DIFFERENT" in str(failed.value) and not (tmp_path / "bad.onnx").exists()
+
+
+def test_float16_deep_net_is_held_to_its_measured_noise(exported) -> None:
+    """The ResNet in float16 (every float initializer and the I/O converted): the correct fold passes on
+    the noise measured for it, not on a fixed 1e-2; a stem channel 5 % off fails."""
+    from onnx import TensorProto, numpy_helper
+
+    m16 = onnx.load(exported[("resnet", "torchscript")])
+    for t in m16.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in list(m16.graph.input) + list(m16.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del m16.graph.value_info[:]
+    folded16, report = fold_onnx(m16)
+    assert report.folded == 20
+    result = verify_onnx(m16, folded16)
+    (out,) = result.outputs["cpu"]
+    assert result.passed and out.dtype == "float16" and out.noise > 0, str(result)
+    bad = verify_onnx(m16, scale_channel(folded16, conv_weights(folded16)[0], 0, 1.05))
+    assert not bad.passed, str(bad)
