@@ -104,9 +104,10 @@ def test_fold_file_returns_the_verification(exported, tmp_path: Path) -> None:
     assert fold_file(exported[case], tmp_path / "g.onnx").verification is None  # not asked: not run
 
 
-def _effects(original: Path, good: onnx.ModelProto, bad: onnx.ModelProto, trials: int = 3) -> list[list[float]]:
-    """Per output, per trial: max |bad − good| relative to the original's scale on that trial's inputs."""
-    sa, sg, sb = (make_session(model_source(m)) for m in (str(original), good, bad))
+def _effects(original, good: onnx.ModelProto, bad: onnx.ModelProto, trials: int = 3) -> list[list[float]]:
+    """Per output, per trial: max |bad − good| relative to the original's scale (``original``: a path or
+    a model) on that trial's inputs."""
+    sa, sg, sb = (make_session(model_source(m)) for m in (original, good, bad))
     specs = input_specs(sa)
     out: list[list[float]] = []
     for trial in range(trials):
@@ -128,7 +129,7 @@ def test_one_channel_off_by_0_1_percent_fails_wherever_it_shows(case, exported, 
     for w in dict.fromkeys([weights[0], weights[len(weights) // 2], weights[-1]]):
         bad = scale_channel(good, w, 0, 1.001)
         result = verify_onnx(exported[case], bad)
-        effects = _effects(exported[case], good, bad)
+        effects = _effects(str(exported[case]), good, bad)
         for o, eff in zip(result.outputs["cpu"], effects):
             for t, e in zip(o.trials, eff):
                 held_to = t.allowed / NOISE_FACTOR  # the measured noise, or the floor's share where that is larger
@@ -212,7 +213,7 @@ def test_export_onnx_passes_a_correct_fold_and_says_what_it_measured(name, nets,
 
 def test_float16_deep_net_is_held_to_its_measured_noise(exported) -> None:
     """The ResNet in float16 (every float initializer and the I/O converted): the correct fold passes on
-    the noise measured for it, not on a fixed 1e-2; a stem channel 5 % off fails."""
+    the noise measured for it, not on a fixed 1e-2; a stem channel off fails wherever its effect is 10×."""
     from onnx import TensorProto, numpy_helper
 
     m16 = onnx.load(exported[("resnet", "torchscript")])
@@ -227,5 +228,12 @@ def test_float16_deep_net_is_held_to_its_measured_noise(exported) -> None:
     result = verify_onnx(m16, folded16)
     (out,) = result.outputs["cpu"]
     assert result.passed and out.dtype == "float16" and out.noise > 0, str(result)
-    bad = verify_onnx(m16, scale_channel(folded16, conv_weights(folded16)[0], 0, 1.05))
-    assert not bad.passed, str(bad)
+    caught = 0
+    for factor in (1.05, 1.25, 2.0):  # float16 noise is ~1e-3..1e-2 of scale: a 0.1 % error hides in it
+        bad = scale_channel(folded16, conv_weights(folded16)[0], 0, factor)
+        verdict = verify_onnx(m16, bad)
+        for t, e in zip(verdict.outputs["cpu"][0].trials, _effects(m16, folded16, bad)[0]):
+            if e >= 10 * t.allowed / NOISE_FACTOR:
+                assert not t.passed and not verdict.passed, (factor, t, e)
+                caught += 1
+    assert caught > 0
