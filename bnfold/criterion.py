@@ -12,10 +12,10 @@ float32 model against a float64 copy of itself). A fold passes when
     fold_error ≤ max(NOISE_FACTOR · noise, floor[dtype])          (both relative to the output's scale)
 
 ``NOISE_FACTOR = 4``, measured (``benchmarks/verify_noise.py``: 8 deep networks with trained-like
-statistics, seeds 0-3, 3 input kinds each): a correct float32 fold's error is 0.2-0.7× the noise
+statistics, seeds 0-3, 3 input kinds each): a correct float32 fold's error is 0.2-0.5× the noise
 measured as the larger of onnxruntime's own optimised graph and ±1 ulp on every arithmetic parameter,
-up to 1.5× on normal inputs and 2.2× on large-magnitude ones, where both are a couple of ulps of the
-output (2.5e-7); it never came above 0.55 of what it was allowed. 4 keeps that margin of ~2× for
+at most 1.06× on normal and uniform inputs and 2.3× on large-magnitude ones, where both are a few
+ulps of the output (6e-7); it never came above 0.58 of what it was allowed. 4 keeps that margin for
 networks we have not seen, and stays well below 10, so that a change whose effect is ≥ 10× the noise
 fails: a ×1.001 error in one output channel of one conv weight is caught wherever it shows that much.
 
