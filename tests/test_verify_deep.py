@@ -8,6 +8,7 @@ scale — above the former fixed rtol of 1e-5, which is why this file exists.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from bnfold.verify import NotEquivalent, VerifyOptions  # noqa: E402
 from sample_models import deep  # noqa: E402
 from sample_models.corrupt import conv_weights, scale_channel  # noqa: E402
 
-EXPORTERS = ["torchscript"] + (["dynamo"] if pytest.importorskip("importlib").util.find_spec("onnxscript") else [])
+EXPORTERS = ["torchscript"] + (["dynamo"] if importlib.util.find_spec("onnxscript") else [])  # dynamo needs onnxscript
 CASES = [(n, e) for n in deep.NETS for e in EXPORTERS]
 IDS = [f"{n}-{e}" for n, e in CASES]
 
