@@ -101,6 +101,7 @@ def random_feeds(specs: list[InputSpec], trial: int, seed: int = 0) -> tuple[str
     feeds = {}
     for spec in specs:
         shape = tuple(spec.shape)
+        _check_allocatable(spec)
         if spec.dtype == np.bool_:
             feeds[spec.name] = rng.random(shape) < 0.5
         elif spec.dtype == np.object_:  # string tensors: a few words, the empty string among them
@@ -120,6 +121,25 @@ def random_feeds(specs: list[InputSpec], trial: int, seed: int = 0) -> tuple[str
                 x = rng.standard_normal(shape) * scale
             feeds[spec.name] = x.astype(spec.dtype)
     return dist, feeds
+
+
+def _check_allocatable(spec: InputSpec) -> None:
+    """A fixed dimension of 10^12 (a broken export, or a model meant for other inputs) must be a one-line
+    error, not a MemoryError traceback or a machine swapping: refuse an input that would take more than
+    half of this machine's memory (generated in float64 first, then cast)."""
+    count = 1
+    for d in spec.shape:
+        count *= int(d)
+    need = count * max(8, spec.dtype.itemsize)
+    try:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform says
+        avail = 1 << 40
+    if need > avail // 2:
+        raise InputError(
+            f"input '{spec.name}' of shape {_fmt(spec.shape)} would need {need / 2**30:,.0f} GiB to generate "
+            f"(this machine has {avail / 2**30:,.0f} GiB); give smaller dimensions with --shape, or --inputs"
+        )
 
 
 def load_npz(path: str | os.PathLike[str], specs: list[InputSpec]) -> dict[str, np.ndarray]:

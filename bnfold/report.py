@@ -126,6 +126,9 @@ class FoldReport:
     params_after: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # `bnfold.verify.VerifyResult` when `fold_file(..., verify=...)` verified the written file (not in to_dict:
+    # the command prints it beside the report)
+    verification: Any = field(default=None, repr=False, compare=False)
 
     # -- counts -------------------------------------------------------------------------------
     @property

@@ -66,43 +66,33 @@ def fold(ctx: click.Context, model: Path, output_arg: Path | None, output: Path 
     code is 1.
     """
     from bnfold.cli._progress import Progress, wanted
-    from bnfold.errors import UsageError, VerificationError
+    from bnfold.errors import UsageError
     from bnfold.onnx.api import default_output_path, fold_file
+    from bnfold.verify import NotEquivalent, VerifyOptions
 
     target = _output_path(model, _one_output(output_arg, output, UsageError), in_place, default_output_path, UsageError)
     verify_kwargs = _verification(ctx, verify, verification, UsageError)
-    checked: list = []
-    reports: list = []
     data_before = _data_state(target)
 
     with Progress(f"folding {model}", enabled=wanted(progress, quiet)) as bar:
 
-        def verify_before_commit(written: str, report) -> None:
-            """Compare the written file with the input before it is renamed into place."""
-            from bnfold.verify import verify_onnx
-
-            reports.append(report)
-            if not (verify_kwargs is not None and report.folded):
-                bar.phase(f"writing {target}")
-                return
-            bar.phase(f"verifying {target}")
-            checked.append(verify_onnx(model, written, **verify_kwargs))
-            checked[-1].folded = str(target)  # the name it is about to get, not the temporary one
-            if not checked[-1].passed:
-                raise VerificationError("verification failed")
-            bar.phase(f"writing {target}")
+        def show_phase(written: str, report) -> None:
+            """Runs on the written file just before the library verifies it (fold_file's own step)."""
+            verifying = verify_kwargs is not None and report.folded
+            bar.phase(f"{'verifying' if verifying else 'writing'} {target}")
 
         external = {"always": True, "never": False}.get(external_data)  # None: as the input had it
         try:
             report = fold_file(model, target, assume_constant=assume_constant, external_data=external,
-                               before_commit=verify_before_commit, force=force)
-        except VerificationError:
-            report = None
-    if report is None:
-        _emit(reports[-1], checked[-1], as_json, quiet=False, written=None)
+                               before_commit=show_phase, force=force,
+                               verify=VerifyOptions(**verify_kwargs) if verify_kwargs is not None else False)
+        except NotEquivalent as failed:
+            report = failed
+    if isinstance(report, NotEquivalent):
+        _emit(report.report, report.verification, as_json, quiet=False, written=None)
         click.echo(f"bnfold: verification failed; nothing written to {target}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
-    _emit(report, checked[-1] if checked else None, as_json, quiet, written=target, data=_data_file(target, data_before))
+    _emit(report, report.verification, as_json, quiet, written=target, data=_data_file(target, data_before))
     sys.exit(EXIT_OK)
 
 

@@ -26,7 +26,8 @@ Examples:
 @output_options()
 @one_line_errors
 def verify(original: Path, folded: Path, as_json: bool, quiet: bool, progress: bool | None, **options: object) -> None:
-    """Run ORIGINAL and FOLDED with onnxruntime (both at ORT_DISABLE_ALL) and compare every output."""
+    """Run ORIGINAL and FOLDED with onnxruntime (both at ORT_DISABLE_ALL) and judge every output against
+    ORIGINAL's own float noise, measured in the same run."""
     from bnfold.cli._progress import Progress, wanted
     from bnfold.onnx.io import load_model
     from bnfold.verify import verify_onnx

@@ -125,7 +125,7 @@ def test_all_without_cuda_says_so_in_one_line_and_runs_cpu(folded: Path, monkeyp
     assert result.exit_code == EXIT_OK, result.output
     notes = [ln for ln in result.output.splitlines() if "CUDAExecutionProvider" in ln]
     assert len(notes) == 1 and "skipped CUDA" in notes[0]
-    assert "  cpu " in result.output and "  cuda " not in result.output
+    assert "onnxruntime on cpu at" in result.output and "cuda:" not in result.output
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDAExecutionProvider not available in this onnxruntime build (install onnxruntime-gpu)")

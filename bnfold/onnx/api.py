@@ -76,17 +76,20 @@ def fold_file(
     external_data: bool | None = None,
     before_commit: Callable[[str, FoldReport], None] | None = None,
     force: bool = False,
+    verify: "bool | VerifyOptions" = False,
 ) -> FoldReport:
     """Fold a model file into another file, in bounded memory, atomically. What `bnfold fold` runs.
 
     Weights kept in external data are read one at a time and folded ones spill beside the target;
     folded weights of an inline model are written from numpy straight into the file, never copied into
     a second protobuf. ``external_data``: None keeps the input's layout (external when over 2 GB).
-    ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place (the
-    command verifies there); if it raises, nothing is written. A symlink as target is followed only in
+    ``before_commit(tmp_path, report)`` runs on the written file before it is renamed into place (and
+    before ``verify``); if it raises, nothing is written. A symlink as target is followed only in
     place (source and target the same file), else refused. The input's own data file, or a data file
     bnfold did not write, is overwritten only with ``force`` (`io.data_file_name`). Temporary files are
-    removed on SIGTERM/SIGHUP/SIGINT.
+    removed on SIGTERM/SIGHUP/SIGINT. ``verify`` (True, or a `bnfold.verify.VerifyOptions`): the written file
+    is verified against ``source`` first (`bnfold.verify`), the result lands in ``report.verification``,
+    and a fold that fails raises `bnfold.verify.NotEquivalent` (carrying both) with nothing written.
     """
     from contextlib import nullcontext
 
@@ -104,7 +107,10 @@ def fold_file(
         with spill_ctx as spill:
             options = FoldOptions(assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True)
             folded, report = _fold_model(original, options)
-            hook = (lambda written: before_commit(written, report)) if before_commit is not None else None
+            from bnfold.verify import before_writing
+
+            hooks = [h for h in (before_commit, before_writing(source, target_path, verify)) if h is not None]
+            hook = (lambda written: [h(written, report) for h in hooks]) if hooks else None
             io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook,
                           pending=pending, protect=protect, force=force)
     return report
