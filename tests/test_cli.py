@@ -128,6 +128,10 @@ def test_wheel_has_no_top_level_cli_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert not any(n.startswith("cli/") for n in names)
     assert "bnfold/cli/__init__.py" in names and "bnfold/cli/fold_cmd.py" in names
+    # every package and its data ships, not only what an editable install happens to find
+    for shipped in ("bnfold/onnx/rules/conv.py", "bnfold/onnx/rules/reparam.py", "bnfold/check/gate.py",
+                    "bnfold/check/check-v1.schema.json", "bnfold/torch/api.py", "bnfold/__main__.py"):
+        assert shipped in names, shipped
 
 
 def test_torch_front_end_without_torch_says_what_to_install(monkeypatch) -> None:
