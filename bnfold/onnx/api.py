@@ -191,7 +191,8 @@ def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto
     if options.spill_dir is not None and not options.dry_run:
         spill = Spill(os.path.join(os.fspath(options.spill_dir), "bnfold-folded-weights.bin"))
     try:
-        plan = plan_model(graph, resolver, shapes, names, spill)
+        # in place: the graph was imported for this run only (see plan.py, "In place")
+        plan = plan_model(graph, resolver, shapes, names, spill, in_place=True)
         if options.dry_run or not plan.folds:
             return proto, plan
         edit = GraphEdit(graph, names, spill=spill)
