@@ -112,16 +112,75 @@ BLOCK_ELEMENTS = 1 << 17
 """Elements per block in the blocked folds: float64 temporaries of 1 MiB, about a core's L2 cache."""
 
 
+class StandIn(np.ndarray):
+    """A folded value a dry run did not compute: right shape and dtype, one zero shared by every element.
+
+    Made by `stand_in`; holders of folded values (`bnfold.onnx.fold`) keep it as it is instead of
+    copying it into a contiguous array, so a check holds no folded weight.
+    """
+
+
+def stand_in(shape: tuple[int, ...], dtype: np.dtype) -> StandIn:
+    """A read-only array of `shape` and `dtype` that costs one element of memory (every stride 0)."""
+    return np.broadcast_to(np.zeros((), dtype=np.dtype(dtype)), shape).view(StandIn)
+
+
+def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> bool:
+    """True when every ``s_i · v_j`` provably rounds to `dtype` without overflow and without a flush.
+
+    Rounding (float64 products included) is monotonic in the magnitude, so the extreme products bound
+    every one: if ``max|s|·max|v|`` stays finite and ``min|s|·min|v|`` over non-zero factors stays
+    normal, no element can overflow or turn subnormal, and `round_to_dtype` would neither refuse nor
+    flush. Costs a pass or two over `values` in its own dtype, no float64 copy. False (so the caller
+    computes the real values) whenever the bound is inconclusive: non-finite values, or extremes that
+    come close.
+    """
+    v = np.asarray(values)
+    s = np.abs(np.asarray(scale, F64))
+    try:
+        tiny = F64(finfo(dtype).tiny)
+    except ValueError:  # not a float type: nothing to prove
+        return False
+    if v.size == 0 or not np.all(np.isfinite(s)):
+        return False
+    with np.errstate(invalid="ignore", over="ignore"):
+        mag = np.abs(v)
+        hi = F64(mag.max())
+        lo = F64(np.min(mag, where=mag > 0, initial=np.inf))
+    nonzero_s = s[s > 0]
+    if not np.isfinite(hi) or nonzero_s.size == 0:
+        return False
+    with np.errstate(over="ignore", under="ignore"):  # caught just below
+        extremes = np.array([nonzero_s.max() * hi, nonzero_s.min() * lo if np.isfinite(lo) else 1.0], F64)
+    if not np.all(np.isfinite(extremes)) or extremes[1] <= 0:  # the float64 product itself over/underflowed
+        return False
+    try:
+        rounded, _ = round_to_dtype(extremes, dtype, "bound")
+    except FoldOverflowError:
+        return False
+    # the smallest product must stay normal: an extreme that rounds to 0 or a subnormal is inconclusive
+    return bool(np.isfinite(F64(rounded[0])) and abs(F64(rounded[1])) >= tiny)
+
+
 def fold_into_conv_rounded(
-    weight, bias, a: Affine, weight_dtype: np.dtype, bias_dtype: np.dtype, what: str
+    weight, bias, a: Affine, weight_dtype: np.dtype, bias_dtype: np.dtype, what: str, *, dry_run: bool = False
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """`fold_into_conv` then `round_to_dtype`, a block of output channels at a time.
 
     Each element is still its float64 product rounded once, so the result equals the two steps in
     sequence; working in cache-sized blocks avoids a float64 copy of the whole weight, which on a
     ResNet-50 is most of the fold's time.
+
+    ``dry_run``: the caller needs the decision (overflow refused, subnormals flushed), not the weight.
+    Where `scaling_rounds_cleanly` proves the weight neither overflows nor flushes, a `stand_in` takes
+    its place; the (small) bias is always computed. The refusal and the flush count are what the real
+    computation gives, so a check reports exactly what the fold does.
     """
     w = np.asarray(weight)
+    b = np.zeros(w.shape[0], F64) if bias is None else as_f64(bias).reshape(-1)
+    if dry_run and scaling_rounds_cleanly(w, a.scale, weight_dtype):
+        new_bias, n = round_to_dtype(a.scale * b + a.shift, bias_dtype, f"bias of {what}")
+        return stand_in(w.shape, weight_dtype), new_bias, n
     out = np.empty(w.shape, dtype=np.dtype(weight_dtype))
     per = max(1, BLOCK_ELEMENTS // max(1, int(np.prod(w.shape[1:]))))
     flushed = 0
@@ -130,7 +189,6 @@ def fold_into_conv_rounded(
         block *= _along(0, block.ndim, a.scale[start : start + per])
         out[start : start + per], n = round_to_dtype(block, weight_dtype, f"weight of {what}")
         flushed += n
-    b = np.zeros(w.shape[0], F64) if bias is None else as_f64(bias).reshape(-1)
     new_bias, n = round_to_dtype(a.scale * b + a.shift, bias_dtype, f"bias of {what}")
     return out, new_bias, flushed + n
 

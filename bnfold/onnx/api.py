@@ -192,7 +192,7 @@ def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto
         spill = Spill(os.path.join(os.fspath(options.spill_dir), "bnfold-folded-weights.bin"))
     try:
         # in place: the graph was imported for this run only (see plan.py, "In place")
-        plan = plan_model(graph, resolver, shapes, names, spill, in_place=True)
+        plan = plan_model(graph, resolver, shapes, names, spill, in_place=True, dry_run=options.dry_run)
         if options.dry_run or not plan.folds:
             return proto, plan
         edit = GraphEdit(graph, names, spill=spill)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from bnfold.affine import StandIn
 from bnfold.onnx.chain import display, is_graph_output
 
 
@@ -162,7 +163,7 @@ def _held_value(values: np.ndarray, name: str, spill: Spill | None) -> np.ndarra
     In memory it stays a numpy array until `api._unpark` writes its bytes into the output model once;
     with a spill file, large values leave memory altogether. A value already held is returned as it is.
     """
-    if isinstance(values, gs.ir.tensor.LazyValues):
+    if isinstance(values, (gs.ir.tensor.LazyValues, StandIn)):  # a stand-in (check) stays one element
         return values
     if spill is not None and values.nbytes >= Spill.MIN_BYTES:
         return gs.ir.tensor.LazyValues(spill.add(values, name))

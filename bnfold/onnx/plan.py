@@ -72,6 +72,7 @@ def plan_model(
     spill: Spill | None = None,
     *,
     in_place: bool = False,
+    dry_run: bool = False,
 ) -> Plan:
     """Plan the main graph (and its subgraphs), then each local function.
 
@@ -80,7 +81,8 @@ def plan_model(
     a model with external data holds none of them in memory; without it (check) they stay in the plan.
     ``in_place``: rehearse on `graph` itself (see the module docstring): the folds are made as they are
     planned, `names` is taken from directly, and `apply_plan` only marks them FOLDED. Otherwise `graph`
-    is left as it was.
+    is left as it was. ``dry_run``: the plan is for a check and will not be applied, so a rule may
+    leave a value it can prove harmless uncomputed (a `bnfold.affine.StandIn`; see `PlanContext`).
     """
     plan = Plan(applied=in_place)
     rehearsal = names if in_place else set(names)
@@ -92,7 +94,7 @@ def plan_model(
         if scratch is not None:
             scratches.append(scratch)
         params_before = _count_params(work)
-        ctx = PlanContext(work, resolver, shapes)
+        ctx = PlanContext(work, resolver, shapes, dry_run=dry_run)
         edit = GraphEdit(work, rehearsal, modified=plan.modified, spill=spill, forget=resolver.forget)
         first = len(plan.folds)
         _plan_graph(ctx, edit, plan, path)

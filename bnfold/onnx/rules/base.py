@@ -68,6 +68,7 @@ class PlanContext:
     graph: gs.Graph
     resolver: ConstantResolver
     shapes: dict[str, tuple[list[int | None], int]]
+    dry_run: bool = False  # a check: a rule may skip computing a value whose decisions it can prove without it
 
     def for_graph(self, graph: gs.Graph) -> "PlanContext":
         return replace(self, graph=graph)
