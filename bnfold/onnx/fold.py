@@ -109,7 +109,7 @@ class GraphEdit:
             node.inputs.clear()
             node.outputs.clear()
         dead = {id(n) for n in removed}
-        own = {id(n) for n in graph.nodes}  # never reach into an outer graph from a subgraph
+        own: set[int] | None = None  # never reach into an outer graph from a subgraph
         while work:
             t = work.pop()
             if t.outputs or is_graph_output(t, graph) or not t.inputs:
@@ -117,6 +117,8 @@ class GraphEdit:
                     self.modified.add(t.name)
                 continue
             producer = t.inputs[0]
+            if own is None:  # built on first need only: a plain Conv → BN fold never reaches a producer
+                own = {id(n) for n in graph.nodes}
             if id(producer) not in own or any(o.outputs or is_graph_output(o, graph) for o in producer.outputs):
                 continue
             work.extend(producer.inputs)
