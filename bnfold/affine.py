@@ -131,7 +131,7 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
     Rounding (float64 products included) is monotonic in the magnitude, so the extreme products bound
     every one: if ``max|s|·max|v|`` stays finite and ``min|s|·min|v|`` over non-zero factors stays
     normal, no element can overflow or turn subnormal, and `round_to_dtype` would neither refuse nor
-    flush. Costs a pass or two over `values` in its own dtype, no float64 copy. False (so the caller
+    flush. Costs two passes over `values` in cache-sized blocks, no copy of it. False (so the caller
     computes the real values) whenever the bound is inconclusive: non-finite values, or extremes that
     come close.
     """
@@ -141,15 +141,20 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
         tiny = F64(finfo(dtype).tiny)
     except ValueError:  # not a float type: nothing to prove
         return False
-    if v.size == 0 or not np.all(np.isfinite(s)):
-        return False
-    with np.errstate(invalid="ignore", over="ignore"):
-        mag = np.abs(v)
-        hi = F64(mag.max())
-        lo = F64(np.min(mag, where=mag > 0, initial=np.inf))
     nonzero_s = s[s > 0]
-    if not np.isfinite(hi) or nonzero_s.size == 0:
+    if v.size == 0 or not np.all(np.isfinite(s)) or nonzero_s.size == 0:
         return False
+    flat = v.reshape(-1)
+    buf = np.empty(min(flat.size, BLOCK_ELEMENTS), v.dtype)  # one cache-sized buffer, not a copy of v
+    hi, lo = F64(0), F64(np.inf)
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        mag = np.abs(flat[start : start + BLOCK_ELEMENTS], out=buf[: min(BLOCK_ELEMENTS, flat.size - start)])
+        top, bottom = F64(mag.max()), F64(mag.min())
+        if not np.isfinite(top):  # inf or NaN somewhere: let the real computation say what happens
+            return False
+        if bottom == 0:  # zeros fold to zeros: the smallest non-zero magnitude is what matters
+            bottom = F64(np.min(mag, where=mag > 0, initial=np.inf))
+        hi, lo = max(hi, top), min(lo, bottom)
     with np.errstate(over="ignore", under="ignore"):  # caught just below
         extremes = np.array([nonzero_s.max() * hi, nonzero_s.min() * lo if np.isfinite(lo) else 1.0], F64)
     if not np.all(np.isfinite(extremes)) or extremes[1] <= 0:  # the float64 product itself over/underflowed
