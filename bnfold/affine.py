@@ -159,12 +159,11 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
         extremes = np.array([nonzero_s.max() * hi, nonzero_s.min() * lo if np.isfinite(lo) else 1.0], F64)
     if not np.all(np.isfinite(extremes)) or extremes[1] <= 0:  # the float64 product itself over/underflowed
         return False
-    try:
-        rounded, _ = round_to_dtype(extremes, dtype, "bound")
-    except FoldOverflowError:
-        return False
-    # the smallest product must stay normal: an extreme that rounds to 0 or a subnormal is inconclusive
-    return bool(np.isfinite(F64(rounded[0])) and abs(F64(rounded[1])) >= tiny)
+    dt = np.dtype(dtype)
+    with np.errstate(over="ignore"):  # the rounding `round_to_dtype` does, without its checks: they are the question
+        rounded = (_round_to_bfloat16(extremes) if BFLOAT16 is not None and dt == BFLOAT16 else extremes.astype(dt)).astype(F64)
+    # the largest product must stay finite, the smallest normal (one that rounds to 0 or a subnormal is inconclusive)
+    return bool(np.isfinite(rounded[0]) and abs(rounded[1]) >= tiny)
 
 
 def fold_into_conv_rounded(
