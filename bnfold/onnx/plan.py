@@ -219,8 +219,7 @@ def _plan_chain(chain: Chain, ctx: PlanContext, edit: GraphEdit, plan: Plan, pat
 def _record(cand: Candidate, fold: Fold, rule: Rule, plan: Plan, path: str) -> None:
     """The candidate as foldable, named after its rule; read after the rehearsal, as the report always was."""
     cand.status = Status.FOLDABLE
-    cand.target = display(fold.site.target)
-    cand.target_op = fold.site.target.op
+    cand.target_op, cand.target = fold.site.names()
     cand.direction = rule.direction
     cand.rule = rule.name
     plan.candidates.append(cand)

@@ -140,6 +140,10 @@ class Site:
     through: gs.Node | None = None  # a Flatten/Reshape between the chain and a consumer head
     repeat: int = 1  # features per channel after `through` (a Flatten of [N, C, H, W] gives H·W)
 
+    def names(self) -> tuple[str, str]:
+        """(op, name) the report gives the layer folded into; a several-layer site names every layer."""
+        return self.target.op, display(self.target)
+
 
 @dataclass
 class LayerPlan:
