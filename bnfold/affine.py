@@ -18,6 +18,7 @@ No onnx or torch import: both front-ends share this module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,34 +137,36 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
     come close.
     """
     v = np.asarray(values)
-    s = np.abs(np.asarray(scale, F64))
+    dt = np.dtype(dtype)
     try:
-        tiny = F64(finfo(dtype).tiny)
+        tiny = float(finfo(dt).tiny)
     except ValueError:  # not a float type: nothing to prove
         return False
-    nonzero_s = s[s > 0]
-    if v.size == 0 or not np.all(np.isfinite(s)) or nonzero_s.size == 0:
+    s = np.abs(np.asarray(scale, F64))
+    s_hi = float(s.max()) if s.size else math.nan
+    if v.size == 0 or not math.isfinite(s_hi) or s_hi == 0:  # NaN/inf scale, or all zero: compute
         return False
+    s_lo = float(np.min(s, where=s > 0, initial=np.inf))
+    # Python floats from here: IEEE double arithmetic like numpy's float64, without per-call numpy overhead
     flat = v.reshape(-1)
     buf = np.empty(min(flat.size, BLOCK_ELEMENTS), v.dtype)  # one cache-sized buffer, not a copy of v
-    hi, lo = F64(0), F64(np.inf)
+    hi, lo = 0.0, math.inf
     for start in range(0, flat.size, BLOCK_ELEMENTS):
         mag = np.abs(flat[start : start + BLOCK_ELEMENTS], out=buf[: min(BLOCK_ELEMENTS, flat.size - start)])
-        top, bottom = F64(mag.max()), F64(mag.min())
-        if not np.isfinite(top):  # inf or NaN somewhere: let the real computation say what happens
+        top, bottom = float(mag.max()), float(mag.min())
+        if not math.isfinite(top):  # inf or NaN somewhere: let the real computation say what happens
             return False
         if bottom == 0:  # zeros fold to zeros: the smallest non-zero magnitude is what matters
-            bottom = F64(np.min(mag, where=mag > 0, initial=np.inf))
+            bottom = float(np.min(mag, where=mag > 0, initial=np.inf))
         hi, lo = max(hi, top), min(lo, bottom)
-    with np.errstate(over="ignore", under="ignore"):  # caught just below
-        extremes = np.array([nonzero_s.max() * hi, nonzero_s.min() * lo if np.isfinite(lo) else 1.0], F64)
-    if not np.all(np.isfinite(extremes)) or extremes[1] <= 0:  # the float64 product itself over/underflowed
+    top_product, bottom_product = s_hi * hi, (s_lo * lo if math.isfinite(lo) else 1.0)
+    if not math.isfinite(top_product) or bottom_product <= 0:  # the float64 product itself over/underflowed
         return False
-    dt = np.dtype(dtype)
+    extremes = np.array([top_product, bottom_product], F64)
     with np.errstate(over="ignore"):  # the rounding `round_to_dtype` does, without its checks: they are the question
         rounded = (_round_to_bfloat16(extremes) if BFLOAT16 is not None and dt == BFLOAT16 else extremes.astype(dt)).astype(F64)
     # the largest product must stay finite, the smallest normal (one that rounds to 0 or a subnormal is inconclusive)
-    return bool(np.isfinite(rounded[0]) and abs(rounded[1]) >= tiny)
+    return bool(math.isfinite(rounded[0]) and abs(rounded[1]) >= tiny)
 
 
 def fold_into_conv_rounded(
