@@ -314,9 +314,13 @@ def _restore_doc_strings(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
         if v.name in io_src:
             v.CopyFrom(io_src[v.name])
     by_key: dict[str, onnx.NodeProto] = {}
+    annotated = False
     for g in _all_graphs(src.graph):
         for n in g.node:
             by_key.setdefault(n.name or f"->{n.output[0] if n.output else ''}", n)
+            annotated = annotated or bool(n.doc_string) or bool(getattr(n, "metadata_props", None))
+    if not annotated:  # the usual export: nothing to put back, so no walk of the output
+        return
     for g in _all_graphs(out.graph):
         for n in g.node:
             original = by_key.get(n.name or f"->{n.output[0] if n.output else ''}")
