@@ -2,9 +2,10 @@
 
 A rule's `apply` (``bnfold/onnx/rules``) calls these on a `GraphEdit`: write new parameter values into
 private constants, add the bias Add a MatMul needs, drop the folded chain and whatever only it used.
-The same edits run twice per fold: once while planning, on a scratch copy of the graph (so that later
-decisions see earlier folds, see `plan.py`), and once for real when `fold` applies the plan. Every edit
-is deterministic (names from `unique`, values already computed), so both runs produce the same graph.
+Each fold's edits run while planning (so that later decisions see earlier folds, see `plan.py`): on the
+API's own graph (in place), or on a scratch copy and then again on the real graph when the plan is
+applied. Every edit is deterministic (names from `unique`, values already computed), so a replay
+produces the same graph.
 Here too live the two ways a folded value is held (in memory, or in a spill file).
 """
 

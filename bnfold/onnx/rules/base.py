@@ -201,8 +201,8 @@ class Rule:
     def apply(self, fold: Fold, edit: GraphEdit) -> None:
         """Rewrite `edit.graph` with the planned values; never refuses.
 
-        Runs twice per fold — on the planner's scratch copy, then on the real graph — so it must be
-        deterministic and refer only to nodes and tensors that existed before planning.
+        Runs while planning (in place, or on a scratch copy that is later replayed on the real graph),
+        so it must be deterministic and refer only to nodes and tensors that existed before planning.
         """
         raise NotImplementedError
 
