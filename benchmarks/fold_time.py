@@ -1,16 +1,19 @@
-"""Fold time of bnfold on a ResNet-50-size model, next to a plain `onnx.load` + `onnx.save`.
+"""Fold and check time of bnfold on four real-size topologies, next to a plain `onnx.load` + `onnx.save`.
 
-    python benchmarks/fold_time.py [--runs 7] [--seed 0]
+    python benchmarks/fold_time.py [--models mobilenet_v2,shufflenet_v2,resnet50,inception_v3] [--runs 7] [--seed 0]
 
-Builds the ResNet-50 topology locally (`sample_models.zoo.resnet50_size`: ~25.6 M random parameters,
-53 BatchNorms, no downloads), saves it into a temporary folder, then times, after one warm-up run each:
+Builds each model locally (`sample_models.sizes`: the MobileNetV2, ShuffleNetV2 x1.0, ResNet-50 and
+Inception-v3 topologies, random weights, non-default BatchNorm statistics, no downloads), saves it
+into a temporary folder, then times, in this one process, interleaved (A B C A B C …), after one
+warm-up run of each:
 
 * baseline: ``onnx.load(path)`` + ``onnx.save(model, out)``
-* bnfold:   ``bnfold.onnx.api.fold_file(path, out)`` — file to file, what `bnfold fold --no-verify` runs
-* and, for reference, the in-memory API: ``bnfold.fold_onnx(path)`` + ``onnx.save(folded, out)``
+* fold:     ``bnfold.onnx.api.fold_file(path, out)`` — file to file, what `bnfold fold --no-verify` runs
+* check:    ``bnfold.onnx.api.check_onnx(path)`` — the plan only, what the `bnfold check` gate runs per model
 
-and prints a Markdown table with the medians, the ratio of the first two and the machine. Acceptance:
-that ratio is at most 2. A script, not a test: it takes tens of seconds and ~1 GB of memory.
+and prints one Markdown table: medians, and each as a ratio of the baseline's median, with the
+machine and the command under it. Targets (issue 14): fold ≤ 1.5×, check ≤ 0.6×; the exit status is
+1 when a ratio is over. A script, not a test: it takes a minute or two and ~1 GB of memory.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `sample_models` lives at the repo root
     sys.path.insert(0, str(ROOT))
 
-from sample_models import zoo  # noqa: E402
+from sample_models.sizes import SIZES  # noqa: E402
 
-LIMIT = 2.0
+FOLD_LIMIT = 1.5
+CHECK_LIMIT = 0.6
+NAMES = {"mobilenet_v2": "MobileNetV2", "shufflenet_v2": "ShuffleNetV2 x1.0", "resnet50": "ResNet-50", "inception_v3": "Inception-v3"}
 
 
 def _time_interleaved(fns: list[Callable[[], object]], runs: int) -> list[list[float]]:
@@ -53,73 +58,79 @@ def _time_interleaved(fns: list[Callable[[], object]], runs: int) -> list[list[f
     return times
 
 
+def _measure(key: str, seed: int, runs: int, tmp: Path) -> dict[str, object]:
+    """Build one model, save it, time the three measurements interleaved; the row of the table."""
+    from bnfold.onnx.api import check_onnx, fold_file
+    from bnfold.report import Status
+
+    model = SIZES[key](seed=seed)
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    src, out = tmp / f"{key}.onnx", tmp / f"{key}.out.onnx"
+    onnx.save(model, src)
+    del model
+    folded: list[int] = []
+    foldable: list[int] = []
+
+    def load_save() -> None:
+        onnx.save(onnx.load(str(src)), str(out))
+
+    def fold() -> None:
+        report = fold_file(src, out)
+        folded.append(sum(c.status is Status.FOLDED for c in report.candidates))
+
+    def check() -> None:
+        foldable.append(check_onnx(src).foldable)
+
+    base, fold_t, check_t = _time_interleaved([load_save, fold, check], runs)
+    assert folded[-1] == foldable[-1], f"{key}: fold folded {folded[-1]}, check said {foldable[-1]} foldable"
+    b, f, c = (statistics.median(ts) for ts in (base, fold_t, check_t))
+    return {
+        "key": key, "params": params, "bn": n_bn, "folded": folded[-1], "mb": src.stat().st_size / 1e6,
+        "base": b, "fold": f, "check": c, "fold_ratio": f / b, "check_ratio": c / b,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(SIZES), help=f"comma-separated, from {', '.join(SIZES)} (default: all)")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per measurement, after one warm-up (default 7, at least 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     args = parser.parse_args(argv)
     if args.runs < 5:
         parser.error("--runs must be at least 5")
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in SIZES]
+    if unknown or not keys:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(SIZES)}")
 
     import onnxruntime
 
     import bnfold
-    from bnfold.onnx.api import fold_file as fold_file_api
-    from bnfold.report import Status
 
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/fold_time.py", *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
-    model = zoo.resnet50_size(seed=args.seed)
-    build_s = time.perf_counter() - t0
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
-
     with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
-        src = Path(tmp) / "resnet50_size.onnx"
-        out = Path(tmp) / "out.onnx"
-        onnx.save(model, src)
-        size_mb = src.stat().st_size / 1e6
-        del model
+        rows = [_measure(k, args.seed, args.runs, Path(tmp)) for k in keys]
+    total = time.perf_counter() - t0
 
-        def load_save() -> None:
-            onnx.save(onnx.load(str(src)), str(out))
-
-        folded_counts: list[int] = []
-
-        def fold_file() -> None:
-            report = fold_file_api(src, out)
-            folded_counts.append(sum(c.status is Status.FOLDED for c in report.candidates))
-
-        def fold_save() -> None:
-            folded, _ = bnfold.fold_onnx(src)
-            onnx.save(folded, str(out))
-
-        base, fold, in_memory = _time_interleaved([load_save, fold_file, fold_save], args.runs)
-        out_mb = out.stat().st_size / 1e6
-
-    base_med, fold_med, mem_med = statistics.median(base), statistics.median(fold), statistics.median(in_memory)
-    ratio = fold_med / base_med
-    ok = ratio <= LIMIT
-    versions = (
+    ok = all(r["fold_ratio"] <= FOLD_LIMIT and r["check_ratio"] <= CHECK_LIMIT for r in rows)  # type: ignore[operator]
+    print(f"| model | params | BN (folded) | file | `onnx.load` + `onnx.save` | `fold_file` | fold ratio (≤ {FOLD_LIMIT:g}×) | `check_onnx` | check ratio (≤ {CHECK_LIMIT:g}×) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        fr, cr = r["fold_ratio"], r["check_ratio"]
+        print(
+            f"| {NAMES[r['key']]} | {r['params'] / 1e6:.1f} M | {r['bn']} ({r['folded']}) | {r['mb']:.1f} MB | {r['base']:.3f} s "
+            f"| {r['fold']:.3f} s | **{fr:.2f}×**{'' if fr <= FOLD_LIMIT else ' over'} "
+            f"| {r['check']:.3f} s | **{cr:.2f}×**{'' if cr <= CHECK_LIMIT else ' over'} |"
+        )
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(
+        f"\nMedians of {args.runs} interleaved runs after 1 warm-up each, one process; seed {args.seed}; whole run {total:.0f} s. "
+        f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, {platform.system()}, load average {load} at the end; "
         f"python {platform.python_version()}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
-        f"numpy {np.__version__}, bnfold {bnfold.__version__}"
+        f"numpy {np.__version__}, bnfold {bnfold.__version__}. Command: `{command}`"
     )
-    rows = [
-        ("model", f"ResNet-50 topology, random weights (seed {args.seed}), built in {build_s:.1f} s"),
-        ("parameters", f"{params:,}"),
-        ("BatchNormalization nodes", f"{n_bn} ({folded_counts[-1]} folded)"),
-        ("file size", f"{size_mb:.1f} MB in, {out_mb:.1f} MB out"),
-        ("`onnx.load` + `onnx.save` (median)", f"{base_med:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in base)})"),
-        ("`fold_file(path, out)` = `bnfold fold --no-verify` (median)", f"{fold_med:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in fold)})"),
-        ("ratio fold / (load+save)", f"{ratio:.2f}× ({'within' if ok else 'OVER'} the {LIMIT:g}× budget)"),
-        ("in-memory API: `fold_onnx(path)` + `onnx.save` (median)", f"{mem_med:.3f} s ({mem_med / base_med:.2f}×)"),
-        ("runs", f"{args.runs} timed after 1 warm-up, each measurement, interleaved"),
-        ("machine", f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.system()}; {versions}"),
-        ("command", f"`{command}`"),
-    ]
-    print("| | |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
     return 0 if ok else 1
 
 

@@ -18,6 +18,7 @@ No onnx or torch import: both front-ends share this module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,16 +122,81 @@ BLOCK_ELEMENTS = 1 << 17
 """Elements per block in the blocked folds: float64 temporaries of 1 MiB, about a core's L2 cache."""
 
 
+class StandIn(np.ndarray):
+    """A folded value a dry run did not compute: right shape and dtype, one zero shared by every element.
+
+    Made by `stand_in`; holders of folded values (`bnfold.onnx.fold`) keep it as it is instead of
+    copying it into a contiguous array, so a check holds no folded weight.
+    """
+
+
+def stand_in(shape: tuple[int, ...], dtype: np.dtype) -> StandIn:
+    """A read-only array of `shape` and `dtype` that costs one element of memory (every stride 0)."""
+    return np.broadcast_to(np.zeros((), dtype=np.dtype(dtype)), shape).view(StandIn)
+
+
+def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> bool:
+    """True when every ``s_i · v_j`` provably rounds to `dtype` without overflow and without a flush.
+
+    Rounding (float64 products included) is monotonic in the magnitude, so the extreme products bound
+    every one: if ``max|s|·max|v|`` stays finite and ``min|s|·min|v|`` over non-zero factors stays
+    normal, no element can overflow or turn subnormal, and `round_to_dtype` would neither refuse nor
+    flush. Costs two passes over `values` in cache-sized blocks, no copy of it. False (so the caller
+    computes the real values) whenever the bound is inconclusive: non-finite values, or extremes that
+    come close.
+    """
+    v = np.asarray(values)
+    dt = np.dtype(dtype)
+    try:
+        tiny = float(finfo(dt).tiny)
+    except ValueError:  # not a float type: nothing to prove
+        return False
+    s = np.abs(np.asarray(scale, F64))
+    s_hi = float(s.max()) if s.size else math.nan
+    if v.size == 0 or not math.isfinite(s_hi) or s_hi == 0:  # NaN/inf scale, or all zero: compute
+        return False
+    s_lo = float(np.min(s, where=s > 0, initial=np.inf))
+    # Python floats from here: IEEE double arithmetic like numpy's float64, without per-call numpy overhead
+    flat = v.reshape(-1)
+    buf = np.empty(min(flat.size, BLOCK_ELEMENTS), v.dtype)  # one cache-sized buffer, not a copy of v
+    hi, lo = 0.0, math.inf
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        mag = np.abs(flat[start : start + BLOCK_ELEMENTS], out=buf[: min(BLOCK_ELEMENTS, flat.size - start)])
+        top, bottom = float(mag.max()), float(mag.min())
+        if not math.isfinite(top):  # inf or NaN somewhere: let the real computation say what happens
+            return False
+        if bottom == 0:  # zeros fold to zeros: the smallest non-zero magnitude is what matters
+            bottom = float(np.min(mag, where=mag > 0, initial=np.inf))
+        hi, lo = max(hi, top), min(lo, bottom)
+    top_product, bottom_product = s_hi * hi, (s_lo * lo if math.isfinite(lo) else 1.0)
+    if not math.isfinite(top_product) or bottom_product <= 0:  # the float64 product itself over/underflowed
+        return False
+    extremes = np.array([top_product, bottom_product], F64)
+    with np.errstate(over="ignore"):  # the rounding `round_to_dtype` does, without its checks: they are the question
+        rounded = (_round_to_bfloat16(extremes) if BFLOAT16 is not None and dt == BFLOAT16 else extremes.astype(dt)).astype(F64)
+    # the largest product must stay finite, the smallest normal (one that rounds to 0 or a subnormal is inconclusive)
+    return bool(math.isfinite(rounded[0]) and abs(rounded[1]) >= tiny)
+
+
 def fold_into_conv_rounded(
-    weight, bias, a: Affine, weight_dtype: np.dtype, bias_dtype: np.dtype, what: str
+    weight, bias, a: Affine, weight_dtype: np.dtype, bias_dtype: np.dtype, what: str, *, dry_run: bool = False
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """`fold_into_conv` then `round_to_dtype`, a block of output channels at a time.
 
     Each element is still its float64 product rounded once, so the result equals the two steps in
     sequence; working in cache-sized blocks avoids a float64 copy of the whole weight, which on a
     ResNet-50 is most of the fold's time.
+
+    ``dry_run``: the caller needs the decision (overflow refused, subnormals flushed), not the weight.
+    Where `scaling_rounds_cleanly` proves the weight neither overflows nor flushes, a `stand_in` takes
+    its place; the (small) bias is always computed. The refusal and the flush count are what the real
+    computation gives, so a check reports exactly what the fold does.
     """
     w = np.asarray(weight)
+    b = np.zeros(w.shape[0], F64) if bias is None else as_f64(bias).reshape(-1)
+    if dry_run and scaling_rounds_cleanly(w, a.scale, weight_dtype):
+        new_bias, n = round_to_dtype(a.scale * b + a.shift, bias_dtype, f"bias of {what}")
+        return stand_in(w.shape, weight_dtype), new_bias, n
     out = np.empty(w.shape, dtype=np.dtype(weight_dtype))
     per = max(1, BLOCK_ELEMENTS // max(1, int(np.prod(w.shape[1:]))))
     flushed = 0
@@ -139,7 +205,6 @@ def fold_into_conv_rounded(
         block *= _along(0, block.ndim, a.scale[start : start + per])
         out[start : start + per], n = round_to_dtype(block, weight_dtype, f"weight of {what}")
         flushed += n
-    b = np.zeros(w.shape[0], F64) if bias is None else as_f64(bias).reshape(-1)
     new_bias, n = round_to_dtype(a.scale * b + a.shift, bias_dtype, f"bias of {what}")
     return out, new_bias, flushed + n
 

@@ -2,9 +2,10 @@
 
 A rule's `apply` (``bnfold/onnx/rules``) calls these on a `GraphEdit`: write new parameter values into
 private constants, add the bias Add a MatMul needs, drop the folded chain and whatever only it used.
-The same edits run twice per fold: once while planning, on a scratch copy of the graph (so that later
-decisions see earlier folds, see `plan.py`), and once for real when `fold` applies the plan. Every edit
-is deterministic (names from `unique`, values already computed), so both runs produce the same graph.
+Each fold's edits run while planning (so that later decisions see earlier folds, see `plan.py`): on the
+API's own graph (in place), or on a scratch copy and then again on the real graph when the plan is
+applied. Every edit is deterministic (names from `unique`, values already computed), so a replay
+produces the same graph.
 Here too live the two ways a folded value is held (in memory, or in a spill file).
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from bnfold.affine import StandIn
 from bnfold.onnx.chain import display, is_graph_output
 
 
@@ -108,7 +110,7 @@ class GraphEdit:
             node.inputs.clear()
             node.outputs.clear()
         dead = {id(n) for n in removed}
-        own = {id(n) for n in graph.nodes}  # never reach into an outer graph from a subgraph
+        own: set[int] | None = None  # never reach into an outer graph from a subgraph
         while work:
             t = work.pop()
             if t.outputs or is_graph_output(t, graph) or not t.inputs:
@@ -116,6 +118,8 @@ class GraphEdit:
                     self.modified.add(t.name)
                 continue
             producer = t.inputs[0]
+            if own is None:  # built on first need only: a plain Conv → BN fold never reaches a producer
+                own = {id(n) for n in graph.nodes}
             if id(producer) not in own or any(o.outputs or is_graph_output(o, graph) for o in producer.outputs):
                 continue
             work.extend(producer.inputs)
@@ -162,7 +166,7 @@ def _held_value(values: np.ndarray, name: str, spill: Spill | None) -> np.ndarra
     In memory it stays a numpy array until `api._unpark` writes its bytes into the output model once;
     with a spill file, large values leave memory altogether. A value already held is returned as it is.
     """
-    if isinstance(values, gs.ir.tensor.LazyValues):
+    if isinstance(values, (gs.ir.tensor.LazyValues, StandIn)):  # a stand-in (check) stays one element
         return values
     if spill is not None and values.nbytes >= Spill.MIN_BYTES:
         return gs.ir.tensor.LazyValues(spill.add(values, name))

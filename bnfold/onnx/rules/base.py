@@ -76,6 +76,7 @@ class PlanContext:
     graph: gs.Graph
     resolver: ConstantResolver
     shapes: dict[str, tuple[list[int | None], int]]
+    dry_run: bool = False  # a check: a rule may skip computing a value whose decisions it can prove without it
 
     def for_graph(self, graph: gs.Graph) -> "PlanContext":
         return replace(self, graph=graph)
@@ -209,8 +210,8 @@ class Rule:
     def apply(self, fold: Fold, edit: GraphEdit) -> None:
         """Rewrite `edit.graph` with the planned values; never refuses.
 
-        Runs twice per fold — on the planner's scratch copy, then on the real graph — so it must be
-        deterministic and refer only to nodes and tensors that existed before planning.
+        Runs while planning (in place, or on a scratch copy that is later replayed on the real graph),
+        so it must be deterministic and refer only to nodes and tensors that existed before planning.
         """
         raise NotImplementedError
 

@@ -38,7 +38,7 @@ class ConvIntoProducer(IntoProducer):
         a = fit(affine, w.shape[0], node)
         bias_dtype = b.dtype if b is not None else w.dtype
         with overflow_refused():  # blocked float64 fold, rounded once per block (the weights can be large)
-            nw, nb, flushed = A.fold_into_conv_rounded(w, b, a, w.dtype, bias_dtype, f"'{display(node)}'")
+            nw, nb, flushed = A.fold_into_conv_rounded(w, b, a, w.dtype, bias_dtype, f"'{display(node)}'", dry_run=ctx.dry_run)
         return LayerPlan(node, params={1: nw, 2: nb}, flushed=flushed)
 
 
