@@ -151,12 +151,12 @@ def _monkeypatched_fold(monkeypatch, how: str) -> None:
     elif how == "wrong-axis":  # the scale along the input channels where the shapes let it through
         real_conv = A.fold_into_conv_rounded
 
-        def wrong(weight, bias, a, wd, bd, what):
+        def wrong(weight, bias, a, wd, bd, what, **kwargs):
             w = np.asarray(weight)
             if w.ndim == 4 and w.shape[1] == a.scale.shape[0]:
                 weight = (w.astype(np.float64) * a.scale[None, :, None, None]).astype(w.dtype)
                 a = A.Affine(np.ones_like(a.scale), a.shift, a.notes)
-            return real_conv(weight, bias, a, wd, bd, what)
+            return real_conv(weight, bias, a, wd, bd, what, **kwargs)
 
         monkeypatch.setattr(A, "fold_into_conv_rounded", wrong)
 
