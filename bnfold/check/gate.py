@@ -25,6 +25,10 @@ ALLOWED_HINT = "accepted by --allow"
 MEMORY = "<memory>"
 
 
+# The rules whose name only repeats the target op; the others change more than one layer's weights.
+PER_OP_RULES = frozenset({"conv", "conv-transpose", "gemm", "matmul"})
+
+
 def model_exit_code(model: ModelCheck) -> int:
     """2 when the model could not be read, 1 when a finding fails, else 0."""
     if model.error is not None:
@@ -72,6 +76,8 @@ def _finding(c: Candidate, n: int, path: str, strict: bool, allow: Sequence[str]
         side = "producer" if c.direction == "into-producer" else "consumer"
         code = FOLDABLE_CODE
         message = f"can be folded into its {side} {c.target_op} '{c.target}'"
+        if c.rule and c.rule not in PER_OP_RULES:  # through a Reshape, a Concat, merged branches: say which
+            message += f" (rule {c.rule}, docs/rules.md)"
         hint = FOLDABLE_HINT.format(path=path) if path != MEMORY else FOLDABLE_HINT_MEMORY
     else:
         first = c.reasons[0] if c.reasons else None

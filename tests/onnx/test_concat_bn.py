@@ -560,3 +560,12 @@ def test_exported_mix_block_folds(exporter: str, tmp_path: Path) -> None:
     got = run(out, {m.graph.input[0].name: x.numpy()})[0]
     assert np.max(np.abs(ref - got)) / np.max(np.abs(ref)) < 1e-5
     assert check_onnx(m).foldable == 1
+
+
+def test_check_names_the_concat_rule() -> None:
+    """`bnfold check` says the BatchNorm folds through the Concat, not only which layer it lands in."""
+    from bnfold.check import check_model
+
+    m = concat_bn(np.random.default_rng(7), next(iter(CONV_CASES.values())))
+    finding = check_model(m).findings[0]
+    assert finding.code == "foldable" and "(rule concat" in finding.message
