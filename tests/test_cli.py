@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from bnfold.cli import main
 from bnfold.errors import EXIT_OK, EXIT_USAGE
-from tests.builders import assert_equivalent, conv_bn_relu, op_types
+from tests.onnx.helpers import assert_equivalent, conv_bn_relu, op_types
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from bnfold.cli import main
 from bnfold.criterion import FLOOR, NOISE_FACTOR
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, ProviderUnavailableError
 from bnfold.providers import choose
-from tests.builders import bn_inits, bn_node, conv_bn_relu, init, model
+from tests.onnx.helpers import F32, F64, bn_inits, bn_node, conv_bn_relu, init, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "sample_models" / "resnet_tiny.onnx"
@@ -119,9 +119,9 @@ def test_fp16_fold_passes_with_fp16_tolerance() -> None:
 
 def symbolic_model() -> onnx.ModelProto:
     rng = np.random.default_rng(3)
-    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"), bn_node("bn", "c", "output")]
-    return model(nodes, [("input", ["N", 3, "H", "W"])], [("output", ["N", 4, "H", "W"])],
-                 [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)])
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"), bn_node("c", "output")]
+    inits = [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)]
+    return make_model(nodes, [("input", ["N", 3, "H", "W"], F32)], [("output", F32, ["N", 4, "H", "W"])], inits)
 
 
 def symbolic_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -202,11 +202,12 @@ def conv_bn_argmax() -> onnx.ModelProto:
     rng = np.random.default_rng(5)
     nodes = [
         helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
-        bn_node("bn", "c", "y"),
+        bn_node("c", "y"),
         helper.make_node("ArgMax", ["y"], ["idx"], name="argmax", axis=1, keepdims=0),
     ]
-    m = model(nodes, [("input", ["N", 3, 4, 4])], [("y", ["N", 4, 4, 4]), ("idx", ["N", 4, 4])],
-              [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)])
+    inits = [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)]
+    outputs = [("y", F32, ["N", 4, 4, 4]), ("idx", F32, ["N", 4, 4])]  # idx made int64 below: unchecked
+    m = make_model(nodes, [("input", ["N", 3, 4, 4], F32)], outputs, inits, check=False)
     m.graph.output[1].type.tensor_type.elem_type = onnx.TensorProto.INT64
     return m
 
@@ -235,9 +236,9 @@ def test_integer_outputs_must_be_equal_float_outputs_within_tolerance() -> None:
 def test_float64_model_is_held_to_float64_tolerance() -> None:
     """Gemm → BN in float64 (onnxruntime's CPU build has no float64 Conv)."""
     rng = np.random.default_rng(6)
-    nodes = [helper.make_node("Gemm", ["input", "w", "b"], ["g"], name="gemm", transB=1), bn_node("bn", "g", "y")]
+    nodes = [helper.make_node("Gemm", ["input", "w", "b"], ["g"], name="gemm", transB=1), bn_node("g", "y")]
     inits = [init("w", rng.standard_normal((5, 7))), init("b", rng.standard_normal(5)), *bn_inits("bn", 5, rng, np.float64)]
-    m = model(nodes, [("input", ["N", 7])], [("y", ["N", 5])], inits, elem=onnx.TensorProto.DOUBLE)
+    m = make_model(nodes, [("input", ["N", 7], F64)], [("y", F64, ["N", 5])], inits)
     folded, report = fold_onnx(m)
     assert report.folded == 1
     result = verify_onnx(m, folded)
@@ -275,7 +276,7 @@ def test_nan_in_the_same_place_is_equal_a_new_nan_is_a_mismatch(monkeypatch) -> 
 def test_non_finite_values_in_the_original_are_said_plainly() -> None:
     """Log of a value that is sometimes negative: NaN in the original, the same NaN in the copy."""
     nodes = [helper.make_node("Log", ["input"], ["output"], name="log")]
-    m = model(nodes, [("input", [64])], [("output", [64])], [])
+    m = make_model(nodes, [("input", [64], F32)], [("output", F32, [64])], [])
     result = verify_onnx(m, m, trials=1)
     assert result.passed
     assert any("the original gives inf/NaN for" in n and "'output'" in n for n in result.notes), result.notes
@@ -304,7 +305,7 @@ def test_onnxruntime_failure_at_run_time_is_a_one_line_error(tmp_path: Path) -> 
     """A Gather index beyond the table: onnxruntime fails while running, not while loading."""
     table = init("table", np.arange(6, dtype=np.float32).reshape(2, 3))
     nodes = [helper.make_node("Gather", ["table", "i"], ["output"], name="gather", axis=0)]
-    m = model(nodes, [("i", [2])], [("output", [2, 3])], [table])
+    m = make_model(nodes, [("i", [2], F32)], [("output", F32, [2, 3])], [table], check=False)
     m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
     path = tmp_path / "g.onnx"
     onnx.save(m, path)
@@ -349,8 +350,8 @@ def test_a_noise_measure_onnxruntime_cannot_build_is_left_out_with_a_note(monkey
 
 def test_an_input_too_large_to_allocate_is_a_one_line_error(tmp_path: Path) -> None:
     """A fixed dimension of 10^12: exit 2 with one line that names the input, never a MemoryError."""
-    m = model([helper.make_node("Relu", ["input"], ["output"], name="relu")], [("input", [1, 10**12])],
-              [("output", [1, 10**12])], [])
+    relu = helper.make_node("Relu", ["input"], ["output"], name="relu")
+    m = make_model([relu], [("input", [1, 10**12], F32)], [("output", F32, [1, 10**12])], [])
     path = tmp_path / "huge.onnx"
     onnx.save(m, path)
     result = CliRunner().invoke(main, ["verify", str(path), str(path)])
@@ -362,7 +363,7 @@ def test_an_input_too_large_to_allocate_is_a_one_line_error(tmp_path: Path) -> N
 def test_all_non_finite_output_is_not_a_pass() -> None:
     """Two models that both output inf everywhere prove nothing: that is a failure, not a vacuous pass."""
     nodes = [helper.make_node("Div", ["input", "zero"], ["output"], name="div")]
-    m = model(nodes, [("input", [2, 3])], [("output", [2, 3])], [init("zero", np.zeros(3, np.float32))])
+    m = make_model(nodes, [("input", [2, 3], F32)], [("output", F32, [2, 3])], [init("zero", np.zeros(3, np.float32))])
     result = verify_onnx(m, m, trials=1)
     assert not result.passed
     assert any("non-finite everywhere" in n for n in result.notes)
