@@ -28,10 +28,10 @@ from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
 from bnfold.report import Status
 from bnfold.testing import assert_fully_folded
 from tests.onnx.helpers import F32, bn_inits, bn_node, make_model
+from tests.paths import ROOT, SAMPLES
 
 jsonschema = pytest.importorskip("jsonschema")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def _zoo_builders() -> list:
 
 
 def _sample_files() -> list:
-    return [pytest.param(p, id=p.name) for p in sorted((ROOT / "sample_models").glob("*.onnx"))]
+    return [pytest.param(p, id=p.name) for p in sorted(SAMPLES.glob("*.onnx"))]
 
 
 def _batchnorms(graph: onnx.GraphProto, path: str = ""):

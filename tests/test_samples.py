@@ -12,8 +12,8 @@ import pytest
 from onnx import helper
 
 from sample_models import make_samples, zoo
+from tests.paths import SAMPLES
 
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "sample_models"
 
 
 def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -79,9 +79,9 @@ def test_resnet_tiny_shape() -> None:
 
 def test_committed_samples_match_the_script(tmp_path: Path) -> None:
     written = make_samples.write_samples(tmp_path)
-    committed = sorted(p.name for p in SAMPLES_DIR.glob("*.onnx"))
+    committed = sorted(p.name for p in SAMPLES.glob("*.onnx"))
     assert committed == sorted(p.name for p in written), "rerun: python sample_models/make_samples.py"
     for fresh in written:
-        old = SAMPLES_DIR / fresh.name
+        old = SAMPLES / fresh.name
         assert old.stat().st_size < 200 * 1024
         assert old.read_bytes() == fresh.read_bytes(), f"{fresh.name} is stale: rerun python sample_models/make_samples.py"

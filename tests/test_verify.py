@@ -18,9 +18,8 @@ from bnfold.criterion import FLOOR, NOISE_FACTOR
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, ProviderUnavailableError
 from bnfold.providers import choose
 from tests.onnx.helpers import F32, F64, bn_inits, bn_node, conv_bn_relu, init, make_model
+from tests.paths import RESNET, SAMPLES
 
-ROOT = Path(__file__).resolve().parents[1]
-RESNET = ROOT / "sample_models" / "resnet_tiny.onnx"
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
@@ -86,7 +85,7 @@ def test_fold_that_ignores_gemm_beta_fails(monkeypatch) -> None:
         folded_b = A.as_f64(b_matrix) * (a.scale[:, None] if trans_b else a.scale[None, :])
         return folded_b, a.scale * A.as_f64(c) + a.shift, beta
 
-    path = ROOT / "sample_models" / "gemm_bn.onnx"
+    path = SAMPLES / "gemm_bn.onnx"
     monkeypatch.setattr(A, "fold_into_gemm", ignores_beta)
     bad, report = fold_onnx(path)
     assert report.folded == 1
@@ -320,7 +319,7 @@ def test_onnxruntime_failure_at_run_time_is_a_one_line_error(tmp_path: Path) -> 
 
 
 def test_sample_fp16_model_folds_and_passes() -> None:
-    path = ROOT / "sample_models" / "conv_bn_fp16.onnx"
+    path = SAMPLES / "conv_bn_fp16.onnx"
     folded, report = fold_onnx(path)
     assert report.folded == 1
     result = verify_onnx(path, folded, trials=3)
