@@ -274,8 +274,11 @@ def test_nan_in_the_same_place_is_equal_a_new_nan_is_a_mismatch(monkeypatch) -> 
 
 def test_non_finite_values_in_the_original_are_said_plainly() -> None:
     """Log of a value that is sometimes negative: NaN in the original, the same NaN in the copy."""
-    nodes = [helper.make_node("Log", ["input"], ["output"], name="log")]
-    m = make_model(nodes, [("input", [64], F32)], [("output", F32, [64])], [])
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[64] input) => (float[64] output) {
+            output = Log(input)
+        }""")
     result = verify_onnx(m, m, trials=1)
     assert result.passed
     assert any("the original gives inf/NaN for" in n and "'output'" in n for n in result.notes), result.notes
@@ -302,10 +305,11 @@ def test_fold_is_compared_at_ort_disable_all_and_only_the_original_is_optimised(
 
 def test_onnxruntime_failure_at_run_time_is_a_one_line_error(tmp_path: Path) -> None:
     """A Gather index beyond the table: onnxruntime fails while running, not while loading."""
-    table = init("table", np.arange(6, dtype=np.float32).reshape(2, 3))
-    nodes = [helper.make_node("Gather", ["table", "i"], ["output"], name="gather", axis=0)]
-    m = make_model(nodes, [("i", [2], F32)], [("output", F32, [2, 3])], [table], check=False)
-    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[2] i) => (float[2, 3] output) <float[2, 3] table = {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}> {
+            output = Gather<axis = 0>(table, i)
+        }""")
     path = tmp_path / "g.onnx"
     onnx.save(m, path)
     np.savez(tmp_path / "bad.npz", i=np.array([0, 7], np.int64))
@@ -361,8 +365,11 @@ def test_an_input_too_large_to_allocate_is_a_one_line_error(tmp_path: Path) -> N
 
 def test_all_non_finite_output_is_not_a_pass() -> None:
     """Two models that both output inf everywhere prove nothing: that is a failure, not a vacuous pass."""
-    nodes = [helper.make_node("Div", ["input", "zero"], ["output"], name="div")]
-    m = make_model(nodes, [("input", [2, 3], F32)], [("output", F32, [2, 3])], [init("zero", np.zeros(3, np.float32))])
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3] input) => (float[2, 3] output) <float[3] zero = {0.0, 0.0, 0.0}> {
+            output = Div(input, zero)
+        }""")
     result = verify_onnx(m, m, trials=1)
     assert not result.passed
     assert any("non-finite everywhere" in n for n in result.notes)
