@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from bnfold.cli import main
 from bnfold.errors import EXIT_USAGE, InputError
-from tests.builders import conv_bn_relu
+from tests.onnx.helpers import conv_bn_relu
 
 
 def fold_cli(tmp_path: Path, source: Path | str, out_name: str = "out.onnx"):

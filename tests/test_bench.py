@@ -19,9 +19,8 @@ from bnfold.bench import bench_onnx, bootstrap_ratio_ci, planned_runs
 from bnfold.cli import main
 from bnfold.errors import EXIT_OK, EXIT_USAGE
 from bnfold.providers import choose
+from tests.paths import RESNET
 
-ROOT = Path(__file__).resolve().parents[1]
-RESNET = ROOT / "sample_models" / "resnet_tiny.onnx"
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 FAST = ["--repeats", "3", "--warmup", "1"]
 WITH_CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -27,37 +27,23 @@ from bnfold.check import (
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
 from bnfold.report import Status
 from bnfold.testing import assert_fully_folded
+from tests.onnx.helpers import F32, bn_inits, bn_node, make_model
+from tests.paths import ROOT, SAMPLES
 
 jsonschema = pytest.importorskip("jsonschema")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------------
-# Tiny models, built here so these tests stand on their own
+# Tiny models, from the shared builders
 # ------------------------------------------------------------------------------------------------
 def _bn(name: str, x: str, y: str, c: int, rng: np.random.Generator, **attrs):
-    inits = [
-        numpy_helper.from_array((rng.standard_normal(c) * 1.5 - 0.5).astype(np.float32), f"{name}.scale"),
-        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), f"{name}.bias"),
-        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), f"{name}.mean"),
-        numpy_helper.from_array(rng.uniform(1e-3, 10, c).astype(np.float32), f"{name}.var"),
-    ]
-    node = helper.make_node("BatchNormalization", [x] + [t.name for t in inits], [y], name=name, **attrs)
-    return node, inits
+    """A BatchNormalization named `name` with random statistics `name.scale/bias/mean/var`."""
+    return bn_node(x, y, name, **attrs), bn_inits(name, c, rng)
 
 
 def _model(nodes, inits, out_shape) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, out_shape)],
-        inits,
-    )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return make_model(nodes, [("input", [1, 3, 8, 8], F32)], [("output", F32, out_shape)], inits)
 
 
 def conv_bn(seed: int = 0, bn_name: str = "bn1") -> onnx.ModelProto:
@@ -348,7 +334,7 @@ def _zoo_builders() -> list:
 
 
 def _sample_files() -> list:
-    return [pytest.param(p, id=p.name) for p in sorted((ROOT / "sample_models").glob("*.onnx"))]
+    return [pytest.param(p, id=p.name) for p in sorted(SAMPLES.glob("*.onnx"))]
 
 
 def _batchnorms(graph: onnx.GraphProto, path: str = ""):

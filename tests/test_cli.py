@@ -16,14 +16,8 @@ from click.testing import CliRunner
 
 from bnfold.cli import main
 from bnfold.errors import EXIT_OK, EXIT_USAGE
-from tests.builders import assert_equivalent, conv_bn_relu, op_types
-
-
-@pytest.fixture
-def model_path(tmp_path: Path) -> Path:
-    p = tmp_path / "model.onnx"
-    onnx.save(conv_bn_relu(np.random.default_rng(1)), p)
-    return p
+from tests.onnx.helpers import assert_equivalent, conv_bn_relu, op_types
+from tests.paths import ROOT
 
 
 def run(*args: str):
@@ -115,9 +109,8 @@ def test_help_does_not_import_the_heavy_libraries() -> None:
 
 def test_wheel_has_no_top_level_cli_package(tmp_path: Path) -> None:
     """cli/ ships as bnfold.cli; a top-level `cli` package would collide with other projects."""
-    root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PIP_NO_INPUT": "1"},
     )
     if proc.returncode != 0:

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from bnfold.cli import main
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
-from tests.builders import conv_bn_relu, op_types
+from tests.onnx.helpers import conv_bn_relu, op_types
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from bnfold.cli import main
 from bnfold.errors import EXIT_OK, EXIT_USAGE, InputError, UsageError
 from bnfold.feeds import DISTRIBUTIONS, input_specs, load_npz, parse_shapes, random_feeds
-from tests.builders import session
+from tests.onnx.helpers import ort_session
 
 # every element type onnxruntime's Python API takes from numpy, fed through an Identity each
 TYPES = {
@@ -54,7 +54,7 @@ def float_model(shape=(1, "C", "H", 5)) -> onnx.ModelProto:
 
 
 def test_every_dtype_onnxruntime_takes_is_generated_and_runs() -> None:
-    sess = session(identity_model())
+    sess = ort_session(identity_model())
     specs = input_specs(sess)
     assert {s.name: s.dtype for s in specs} == {
         f"x_{TensorProto.DataType.Name(e).lower()}": np.dtype(t) for e, t in TYPES.items()
@@ -71,12 +71,12 @@ def test_every_dtype_onnxruntime_takes_is_generated_and_runs() -> None:
 def test_symbolic_and_unknown_dimensions_take_1_unless_shape_says_otherwise() -> None:
     m = float_model(shape=(1, "C", "H", 5))
     m.graph.input[0].type.tensor_type.shape.dim[2].Clear()  # an unknown dimension (neither value nor name)
-    sess = session(m)
+    sess = ort_session(m)
     (spec,) = input_specs(sess)
     assert spec.shape == [1, 1, 1, 5]
     (spec,) = input_specs(sess, parse_shapes(["x_float:1x4x6x5"]))
     assert spec.shape == [1, 4, 6, 5]
-    (spec,) = input_specs(session(float_model(shape=("batch", 3))), batch=8)
+    (spec,) = input_specs(ort_session(float_model(shape=("batch", 3))), batch=8)
     assert spec.shape == [8, 3]
 
 
@@ -95,7 +95,7 @@ def test_parse_shape_rejects_malformed_text_in_one_line(text: str) -> None:
 
 
 def test_shape_must_match_the_models_rank_fixed_dims_and_names() -> None:
-    sess = session(float_model(shape=(1, "C", "H", 5)))
+    sess = ort_session(float_model(shape=(1, "C", "H", 5)))
     with pytest.raises(UsageError, match="4"):
         input_specs(sess, {"x_float": [1, 3, 5]})
     with pytest.raises(UsageError, match="fixes it at 5"):
@@ -105,12 +105,12 @@ def test_shape_must_match_the_models_rank_fixed_dims_and_names() -> None:
 
 
 def test_fixed_batch_dimension_is_not_silently_changed() -> None:
-    (spec,) = input_specs(session(float_model(shape=(2, 3))), batch=8)
+    (spec,) = input_specs(ort_session(float_model(shape=(2, 3))), batch=8)
     assert spec.shape == [2, 3]  # bench refuses this with its own message; feeds never rewrite a fixed dim
 
 
 def test_feeds_are_seeded_and_cycle_through_the_distributions() -> None:
-    specs = input_specs(session(float_model(shape=(1, 64, 64, 5))))
+    specs = input_specs(ort_session(float_model(shape=(1, 64, 64, 5))))
     runs = [random_feeds(specs, t, seed=7) for t in range(6)]
     assert [d for d, _ in runs] == list(DISTRIBUTIONS) * 2
     again = [random_feeds(specs, t, seed=7) for t in range(6)]
@@ -125,7 +125,7 @@ def test_feeds_are_seeded_and_cycle_through_the_distributions() -> None:
 
 
 def test_large_float16_values_stay_finite() -> None:
-    specs = input_specs(session(identity_model({TensorProto.FLOAT16: np.float16}, (1, 4096))))
+    specs = input_specs(ort_session(identity_model({TensorProto.FLOAT16: np.float16}, (1, 4096))))
     _, arrays = random_feeds(specs, 2, seed=0)
     x = arrays["x_float16"]
     assert np.isfinite(x).all() and np.abs(x).max() > 10
@@ -134,7 +134,7 @@ def test_large_float16_values_stay_finite() -> None:
 def test_unsupported_input_type_is_a_one_line_error() -> None:
     m = identity_model({TensorProto.BFLOAT16: None})
     try:
-        sess = session(m)
+        sess = ort_session(m)
     except Exception:  # pragma: no cover - an onnxruntime without bfloat16 Identity
         pytest.skip("this onnxruntime cannot load a bfloat16 Identity")
     with pytest.raises(UsageError, match="bfloat16"):
@@ -143,7 +143,7 @@ def test_unsupported_input_type_is_a_one_line_error() -> None:
 
 # -- .npz -------------------------------------------------------------------------------------------
 def test_npz_inputs_are_loaded_and_checked(tmp_path: Path) -> None:
-    specs = input_specs(session(float_model(shape=("N", 3, 4, 5))))
+    specs = input_specs(ort_session(float_model(shape=("N", 3, 4, 5))))
     good = tmp_path / "good.npz"
     x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
     np.savez(good, x_float=x)
@@ -171,10 +171,10 @@ def test_npz_inputs_are_loaded_and_checked(tmp_path: Path) -> None:
 
 def test_string_inputs_come_from_npz_too(tmp_path: Path) -> None:
     m = identity_model({TensorProto.STRING: np.object_, TensorProto.FLOAT: np.float32}, (2,))
-    specs = input_specs(session(m))
+    specs = input_specs(ort_session(m))
     np.savez(tmp_path / "s.npz", x_string=np.array(["a", "bn"]), x_float=np.ones(2, np.float32))
     arrays = load_npz(tmp_path / "s.npz", specs)
-    outs = session(m).run(None, arrays)
+    outs = ort_session(m).run(None, arrays)
     assert list(outs[0]) == ["a", "bn"]
 
 
@@ -182,7 +182,7 @@ def test_string_inputs_come_from_npz_too(tmp_path: Path) -> None:
 @pytest.fixture()
 def conv_pair(tmp_path: Path) -> tuple[Path, Path]:
     from bnfold import fold_onnx
-    from tests.builders import conv_bn_relu
+    from tests.onnx.helpers import conv_bn_relu
 
     m = conv_bn_relu(np.random.default_rng(0))
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"

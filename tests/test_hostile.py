@@ -29,7 +29,8 @@ from bnfold.cli import main
 from bnfold.errors import EXIT_USAGE, InputError, OutputError
 from bnfold.onnx import io
 from bnfold.onnx.api import fold_file
-from tests.builders import bn_inits, bn_node, conv_bn_relu, init, model
+from tests.onnx.helpers import bn_inits, conv_bn_relu, init
+from tests.onnx.helpers import legacy_bn_node as bn_node, legacy_model as model
 
 SECRET = b"TOKEN=hunter2-do-not-leak\n"
 

@@ -20,9 +20,8 @@ from bnfold.cli import main
 from bnfold.errors import EXIT_OK, EXIT_USAGE, ProviderUnavailableError, UsageError
 from bnfold.providers import NAMES, assert_running_on, choose, session_providers
 from bnfold.sessions import make_session, model_source
+from tests.paths import RESNET
 
-ROOT = Path(__file__).resolve().parents[1]
-RESNET = ROOT / "sample_models" / "resnet_tiny.onnx"
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 CPU_ONLY = ["AzureExecutionProvider", "CPUExecutionProvider"]
 CLAIMS_CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from bnfold.cli import main
+from tests.paths import RESNET, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
@@ -83,7 +83,7 @@ def _examples(section: str) -> list[list[str]]:
 @pytest.fixture
 def sandbox(tmp_path: Path, monkeypatch) -> Path:
     """model.onnx (batch symbolic), models/ and exports/ with foldable models, as the examples assume."""
-    m = onnx.load(ROOT / "sample_models" / "resnet_tiny.onnx")
+    m = onnx.load(RESNET)
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
     onnx.save(m, tmp_path / "model.onnx")

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper
 
 from sample_models import make_samples, zoo
+from tests.onnx.helpers import ort_session
+from tests.paths import SAMPLES
 
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "sample_models"
 
 
 def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -32,16 +32,8 @@ def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return feeds
 
 
-@pytest.fixture(scope="module")
-def session_options() -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3  # the overridable-initializer model makes ORT warn
-    return so
-
-
 @pytest.mark.parametrize("name", sorted(zoo.BUILDERS))
-def test_builder_valid_and_runs(name: str, session_options: ort.SessionOptions) -> None:
+def test_builder_valid_and_runs(name: str) -> None:
     model = zoo.BUILDERS[name]()
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version <= 10
@@ -49,8 +41,7 @@ def test_builder_valid_and_runs(name: str, session_options: ort.SessionOptions) 
     assert any(n.op_type == "BatchNormalization" for n in model.graph.node)
     assert model.SerializeToString() == zoo.BUILDERS[name]().SerializeToString(), "deterministic"
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), session_options, providers=["CPUExecutionProvider"])
-        outputs = sess.run(None, _feeds(model))
+        outputs = ort_session(model).run(None, _feeds(model))  # quiet: the overridable-initializer model makes ORT warn
     except Exception:
         if name in zoo.TRAINING_MODE_BUILDERS:
             return  # onnxruntime may refuse training-mode BatchNormalization; not part of the contract
@@ -79,9 +70,9 @@ def test_resnet_tiny_shape() -> None:
 
 def test_committed_samples_match_the_script(tmp_path: Path) -> None:
     written = make_samples.write_samples(tmp_path)
-    committed = sorted(p.name for p in SAMPLES_DIR.glob("*.onnx"))
+    committed = sorted(p.name for p in SAMPLES.glob("*.onnx"))
     assert committed == sorted(p.name for p in written), "rerun: python sample_models/make_samples.py"
     for fresh in written:
-        old = SAMPLES_DIR / fresh.name
+        old = SAMPLES / fresh.name
         assert old.stat().st_size < 200 * 1024
         assert old.read_bytes() == fresh.read_bytes(), f"{fresh.name} is stale: rerun python sample_models/make_samples.py"

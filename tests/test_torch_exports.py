@@ -14,7 +14,7 @@ nn = torch.nn
 
 from bnfold import fold_onnx  # noqa: E402
 from bnfold.testing import assert_fully_folded  # noqa: E402
-from tests.builders import session  # noqa: E402
+from tests.onnx.helpers import ort_session  # noqa: E402
 
 
 def randomise_bn(net: "nn.Module", seed: int = 0) -> "nn.Module":
@@ -53,8 +53,8 @@ class TinyResNet(nn.Module):
 
 def outputs_match(model: onnx.ModelProto, folded: onnx.ModelProto, x: np.ndarray) -> float:
     name = model.graph.input[0].name
-    a = session(model).run(None, {name: x})[0]
-    b = session(folded).run(None, {name: x})[0]
+    a = ort_session(model).run(None, {name: x})[0]
+    b = ort_session(folded).run(None, {name: x})[0]
     return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
 
 
@@ -93,5 +93,5 @@ def test_dynamo_export_without_optimizer_folds_to_zero(tmp_path: Path) -> None:
     assert outputs_match(model, folded, x.numpy()) < 1e-5
     with torch.no_grad():
         ref = net(x).numpy()
-    got = session(folded).run(None, {folded.graph.input[0].name: x.numpy()})[0]
+    got = ort_session(folded).run(None, {folded.graph.input[0].name: x.numpy()})[0]
     assert np.max(np.abs(ref - got)) / np.max(np.abs(ref)) < 1e-5

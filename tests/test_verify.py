@@ -17,10 +17,9 @@ from bnfold.cli import main
 from bnfold.criterion import FLOOR, NOISE_FACTOR
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, ProviderUnavailableError
 from bnfold.providers import choose
-from tests.builders import bn_inits, bn_node, conv_bn_relu, init, model
+from tests.onnx.helpers import F32, F64, bn_inits, bn_node, conv_bn_relu, init, make_model
+from tests.paths import RESNET, SAMPLES
 
-ROOT = Path(__file__).resolve().parents[1]
-RESNET = ROOT / "sample_models" / "resnet_tiny.onnx"
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
@@ -86,7 +85,7 @@ def test_fold_that_ignores_gemm_beta_fails(monkeypatch) -> None:
         folded_b = A.as_f64(b_matrix) * (a.scale[:, None] if trans_b else a.scale[None, :])
         return folded_b, a.scale * A.as_f64(c) + a.shift, beta
 
-    path = ROOT / "sample_models" / "gemm_bn.onnx"
+    path = SAMPLES / "gemm_bn.onnx"
     monkeypatch.setattr(A, "fold_into_gemm", ignores_beta)
     bad, report = fold_onnx(path)
     assert report.folded == 1
@@ -119,9 +118,9 @@ def test_fp16_fold_passes_with_fp16_tolerance() -> None:
 
 def symbolic_model() -> onnx.ModelProto:
     rng = np.random.default_rng(3)
-    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"), bn_node("bn", "c", "output")]
-    return model(nodes, [("input", ["N", 3, "H", "W"])], [("output", ["N", 4, "H", "W"])],
-                 [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)])
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"), bn_node("c", "output")]
+    inits = [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)]
+    return make_model(nodes, [("input", ["N", 3, "H", "W"], F32)], [("output", F32, ["N", 4, "H", "W"])], inits)
 
 
 def symbolic_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -202,11 +201,12 @@ def conv_bn_argmax() -> onnx.ModelProto:
     rng = np.random.default_rng(5)
     nodes = [
         helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
-        bn_node("bn", "c", "y"),
+        bn_node("c", "y"),
         helper.make_node("ArgMax", ["y"], ["idx"], name="argmax", axis=1, keepdims=0),
     ]
-    m = model(nodes, [("input", ["N", 3, 4, 4])], [("y", ["N", 4, 4, 4]), ("idx", ["N", 4, 4])],
-              [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)])
+    inits = [init("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32)), *bn_inits("bn", 4, rng)]
+    outputs = [("y", F32, ["N", 4, 4, 4]), ("idx", F32, ["N", 4, 4])]  # idx made int64 below: unchecked
+    m = make_model(nodes, [("input", ["N", 3, 4, 4], F32)], outputs, inits, check=False)
     m.graph.output[1].type.tensor_type.elem_type = onnx.TensorProto.INT64
     return m
 
@@ -235,9 +235,9 @@ def test_integer_outputs_must_be_equal_float_outputs_within_tolerance() -> None:
 def test_float64_model_is_held_to_float64_tolerance() -> None:
     """Gemm → BN in float64 (onnxruntime's CPU build has no float64 Conv)."""
     rng = np.random.default_rng(6)
-    nodes = [helper.make_node("Gemm", ["input", "w", "b"], ["g"], name="gemm", transB=1), bn_node("bn", "g", "y")]
+    nodes = [helper.make_node("Gemm", ["input", "w", "b"], ["g"], name="gemm", transB=1), bn_node("g", "y")]
     inits = [init("w", rng.standard_normal((5, 7))), init("b", rng.standard_normal(5)), *bn_inits("bn", 5, rng, np.float64)]
-    m = model(nodes, [("input", ["N", 7])], [("y", ["N", 5])], inits, elem=onnx.TensorProto.DOUBLE)
+    m = make_model(nodes, [("input", ["N", 7], F64)], [("y", F64, ["N", 5])], inits)
     folded, report = fold_onnx(m)
     assert report.folded == 1
     result = verify_onnx(m, folded)
@@ -274,8 +274,11 @@ def test_nan_in_the_same_place_is_equal_a_new_nan_is_a_mismatch(monkeypatch) -> 
 
 def test_non_finite_values_in_the_original_are_said_plainly() -> None:
     """Log of a value that is sometimes negative: NaN in the original, the same NaN in the copy."""
-    nodes = [helper.make_node("Log", ["input"], ["output"], name="log")]
-    m = model(nodes, [("input", [64])], [("output", [64])], [])
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[64] input) => (float[64] output) {
+            output = Log(input)
+        }""")
     result = verify_onnx(m, m, trials=1)
     assert result.passed
     assert any("the original gives inf/NaN for" in n and "'output'" in n for n in result.notes), result.notes
@@ -302,10 +305,11 @@ def test_fold_is_compared_at_ort_disable_all_and_only_the_original_is_optimised(
 
 def test_onnxruntime_failure_at_run_time_is_a_one_line_error(tmp_path: Path) -> None:
     """A Gather index beyond the table: onnxruntime fails while running, not while loading."""
-    table = init("table", np.arange(6, dtype=np.float32).reshape(2, 3))
-    nodes = [helper.make_node("Gather", ["table", "i"], ["output"], name="gather", axis=0)]
-    m = model(nodes, [("i", [2])], [("output", [2, 3])], [table])
-    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[2] i) => (float[2, 3] output) <float[2, 3] table = {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}> {
+            output = Gather<axis = 0>(table, i)
+        }""")
     path = tmp_path / "g.onnx"
     onnx.save(m, path)
     np.savez(tmp_path / "bad.npz", i=np.array([0, 7], np.int64))
@@ -319,7 +323,7 @@ def test_onnxruntime_failure_at_run_time_is_a_one_line_error(tmp_path: Path) -> 
 
 
 def test_sample_fp16_model_folds_and_passes() -> None:
-    path = ROOT / "sample_models" / "conv_bn_fp16.onnx"
+    path = SAMPLES / "conv_bn_fp16.onnx"
     folded, report = fold_onnx(path)
     assert report.folded == 1
     result = verify_onnx(path, folded, trials=3)
@@ -349,8 +353,8 @@ def test_a_noise_measure_onnxruntime_cannot_build_is_left_out_with_a_note(monkey
 
 def test_an_input_too_large_to_allocate_is_a_one_line_error(tmp_path: Path) -> None:
     """A fixed dimension of 10^12: exit 2 with one line that names the input, never a MemoryError."""
-    m = model([helper.make_node("Relu", ["input"], ["output"], name="relu")], [("input", [1, 10**12])],
-              [("output", [1, 10**12])], [])
+    relu = helper.make_node("Relu", ["input"], ["output"], name="relu")
+    m = make_model([relu], [("input", [1, 10**12], F32)], [("output", F32, [1, 10**12])], [])
     path = tmp_path / "huge.onnx"
     onnx.save(m, path)
     result = CliRunner().invoke(main, ["verify", str(path), str(path)])
@@ -361,8 +365,11 @@ def test_an_input_too_large_to_allocate_is_a_one_line_error(tmp_path: Path) -> N
 
 def test_all_non_finite_output_is_not_a_pass() -> None:
     """Two models that both output inf everywhere prove nothing: that is a failure, not a vacuous pass."""
-    nodes = [helper.make_node("Div", ["input", "zero"], ["output"], name="div")]
-    m = model(nodes, [("input", [2, 3])], [("output", [2, 3])], [init("zero", np.zeros(3, np.float32))])
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3] input) => (float[2, 3] output) <float[3] zero = {0.0, 0.0, 0.0}> {
+            output = Div(input, zero)
+        }""")
     result = verify_onnx(m, m, trials=1)
     assert not result.passed
     assert any("non-finite everywhere" in n for n in result.notes)

@@ -20,6 +20,7 @@ from tests.onnx.helpers import (
     F32,
     F64,
     assert_equivalent,
+    bn_node,
     bn_stats,
     conv_bn,
     fold_and_verify,
@@ -130,7 +131,7 @@ def test_opset15_mixed_parameter_types():
     st = bn_stats(4, rng, F32)
     nodes = [
         helper.make_node("Gemm", ["input", "B"], ["g"], name="gemm"),
-        helper.make_node("BatchNormalization", ["g", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["output"], name="bn"),
+        bn_node("g", "output"),
     ]
     inits = [
         init("B", rand((5, 4), rng, F16, 0.5)),

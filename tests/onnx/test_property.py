@@ -25,6 +25,7 @@ from tests.onnx.helpers import (
     assert_equivalent,
     assert_valid,
     bn_inits,
+    bn_node,
     bn_stats,
     init,
     initializers,
@@ -97,7 +98,7 @@ def cases(draw):
     bn_attrs = {}
     if draw(st.booleans()):
         bn_attrs["epsilon"] = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
-    nodes.append(helper.make_node("BatchNormalization", ["y", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["output"], name="bn", **bn_attrs))
+    nodes.append(bn_node("y", "output", **bn_attrs))
     inits += bn_inits("bn", bn_stats(c, rng, dtype))
     inputs = [("input", x_shape, dtype)]
     outputs = [("output", dtype)]

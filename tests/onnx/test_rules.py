@@ -24,7 +24,8 @@ from bnfold.onnx.rules.conv import ConvIntoProducer
 from bnfold.onnx.rules.registry import rules
 from bnfold.report import HINTS, Reason, Status
 from sample_models import zoo
-from tests.builders import assert_equivalent, bn_inits, bn_node, conv_bn_relu, init, model
+from tests.onnx.helpers import assert_equivalent, bn_inits, conv_bn_relu, init
+from tests.onnx.helpers import legacy_bn_node as bn_node, legacy_model as model
 
 
 def bn_conv_bn_head(rng: np.random.Generator) -> onnx.ModelProto:

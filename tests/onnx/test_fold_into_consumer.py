@@ -8,7 +8,7 @@ from onnx import helper
 
 from bnfold import fold_onnx
 from bnfold.report import Reason, Status
-from tests.builders import assert_equivalent, bn_inits, bn_node, init, model, op_types
+from tests.onnx.helpers import F32, assert_equivalent, bn_inits, bn_node, init, make_model, op_types
 
 
 def bn_conv(rng, *, groups=1, pads=(0, 0, 0, 0), auto_pad=None, c_in=4, c_out=6, bias=True):
@@ -18,11 +18,11 @@ def bn_conv(rng, *, groups=1, pads=(0, 0, 0, 0), auto_pad=None, c_in=4, c_out=6,
     else:
         attrs["pads"] = list(pads)
     conv_inputs = ["y", "conv.w"] + (["conv.b"] if bias else [])
-    nodes = [bn_node("bn", "input", "y"), helper.make_node("Conv", conv_inputs, ["output"], name="conv", **attrs)]
+    nodes = [bn_node("input", "y"), helper.make_node("Conv", conv_inputs, ["output"], name="conv", **attrs)]
     inits = [init("conv.w", rng.standard_normal((c_out, c_in // groups, 3, 3)).astype(np.float32)), *bn_inits("bn", c_in, rng)]
     if bias:
         inits.append(init("conv.b", rng.standard_normal(c_out).astype(np.float32)))
-    return model(nodes, [("input", [2, c_in, 7, 7])], [("output", None)], inits)
+    return make_model(nodes, [("input", [2, c_in, 7, 7], F32)], [("output", F32)], inits)
 
 
 @pytest.mark.parametrize("groups,c_in,c_out", [(1, 4, 6), (2, 4, 6), (4, 4, 8)], ids=["plain", "grouped", "depthwise"])
@@ -62,13 +62,13 @@ def test_bn_into_gemm(trans_b: int, alpha: float, beta: float, with_c: bool) -> 
     w = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
     inputs = ["y", "W"] + (["C"] if with_c else [])
     nodes = [
-        bn_node("bn", "input", "y"),
+        bn_node("input", "y"),
         helper.make_node("Gemm", inputs, ["output"], name="gemm", transB=trans_b, alpha=alpha, beta=beta),
     ]
     inits = [init("W", w), *bn_inits("bn", k, rng)]
     if with_c:
         inits.append(init("C", rng.standard_normal(n).astype(np.float32)))
-    m = model(nodes, [("input", [4, k])], [("output", [4, n])], inits)
+    m = make_model(nodes, [("input", [4, k], F32)], [("output", F32, [4, n])], inits)
     out, report = fold_onnx(m)
     assert report.folded == 1 and op_types(out) == ["Gemm"]
     assert_equivalent(m, out, rng)
@@ -76,8 +76,9 @@ def test_bn_into_gemm(trans_b: int, alpha: float, beta: float, with_c: bool) -> 
 
 def test_bn_into_matmul() -> None:
     rng = np.random.default_rng(9)
-    nodes = [bn_node("bn", "input", "y"), helper.make_node("MatMul", ["y", "W"], ["output"], name="mm")]
-    m = model(nodes, [("input", [4, 5])], [("output", [4, 3])], [init("W", rng.standard_normal((5, 3)).astype(np.float32)), *bn_inits("bn", 5, rng)])
+    nodes = [bn_node("input", "y"), helper.make_node("MatMul", ["y", "W"], ["output"], name="mm")]
+    inits = [init("W", rng.standard_normal((5, 3)).astype(np.float32)), *bn_inits("bn", 5, rng)]
+    m = make_model(nodes, [("input", [4, 5], F32)], [("output", F32, [4, 3])], inits)
     out, report = fold_onnx(m)
     assert report.folded == 1 and "BatchNormalization" not in op_types(out)
     assert_equivalent(m, out, rng)
@@ -94,9 +95,9 @@ def test_classifier_head_bn_flatten_gemm(flatten: str) -> None:
     else:
         flat = helper.make_node("Reshape", ["y", "shape"], ["f"], name="reshape")
         extra = [init("shape", np.array([0, -1], np.int64))]
-    nodes = [bn_node("bn", "input", "y"), flat, helper.make_node("Gemm", ["f", "W", "C"], ["output"], name="fc", transB=1)]
+    nodes = [bn_node("input", "y"), flat, helper.make_node("Gemm", ["f", "W", "C"], ["output"], name="fc", transB=1)]
     inits = [init("W", rng.standard_normal((7, c * hw * hw)).astype(np.float32)), init("C", rng.standard_normal(7).astype(np.float32)), *bn_inits("bn", c, rng), *extra]
-    m = model(nodes, [("input", [2, c, hw, hw])], [("output", [2, 7])], inits)
+    m = make_model(nodes, [("input", [2, c, hw, hw], F32)], [("output", F32, [2, 7])], inits)
     out, report = fold_onnx(m)
     assert report.folded == 1, str(report)
     assert op_types(out) == [flatten, "Gemm"]
@@ -107,12 +108,12 @@ def test_bn_feeding_two_layers_is_refused() -> None:
     rng = np.random.default_rng(12)
     nodes = [
         helper.make_node("Relu", ["input"], ["r"], name="relu"),
-        bn_node("bn", "r", "y"),
+        bn_node("r", "y"),
         helper.make_node("MatMul", ["y", "W"], ["o1"], name="mm1"),
         helper.make_node("MatMul", ["y", "W2"], ["o2"], name="mm2"),
     ]
     inits = [init("W", rng.standard_normal((5, 3)).astype(np.float32)), init("W2", rng.standard_normal((5, 2)).astype(np.float32)), *bn_inits("bn", 5, rng)]
-    m = model(nodes, [("input", [4, 5])], [("o1", [4, 3]), ("o2", [4, 2])], inits)
+    m = make_model(nodes, [("input", [4, 5], F32)], [("o1", F32, [4, 3]), ("o2", F32, [4, 2])], inits)
     out, report = fold_onnx(m)
     assert report.folded == 0
     cand = report.candidates[0]
@@ -124,11 +125,11 @@ def test_producer_preferred_when_both_sides_fold() -> None:
     rng = np.random.default_rng(13)
     nodes = [
         helper.make_node("MatMul", ["input", "W1"], ["a"], name="mm1"),
-        bn_node("bn", "a", "y"),
+        bn_node("a", "y"),
         helper.make_node("MatMul", ["y", "W2"], ["output"], name="mm2"),
     ]
     inits = [init("W1", rng.standard_normal((5, 4)).astype(np.float32)), init("W2", rng.standard_normal((4, 3)).astype(np.float32)), *bn_inits("bn", 4, rng)]
-    m = model(nodes, [("input", [2, 5])], [("output", [2, 3])], inits)
+    m = make_model(nodes, [("input", [2, 5], F32)], [("output", F32, [2, 3])], inits)
     out, report = fold_onnx(m)
     assert report.candidates[0].direction == "into-producer" and report.candidates[0].target == "mm1"
     assert_equivalent(m, out, rng)

@@ -11,7 +11,7 @@ import pytest
 import bnfold.onnx.api as api
 from bnfold.errors import VerificationError
 from bnfold.onnx import io
-from tests.builders import assert_equivalent, conv_bn_relu
+from tests.onnx.helpers import assert_equivalent, conv_bn_relu
 
 
 @pytest.fixture

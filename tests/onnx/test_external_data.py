@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from bnfold import fold_onnx
 from bnfold.cli import main
 from bnfold.onnx.io import has_external_data, load_model_and_layout, save_model
-from tests.builders import assert_equivalent, conv_bn_relu
+from tests.onnx.helpers import assert_equivalent, conv_bn_relu
 
 
 def external_model(tmp_path: Path) -> Path:

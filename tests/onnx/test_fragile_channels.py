@@ -8,7 +8,7 @@ from onnx import helper
 
 from bnfold import fold_onnx
 from bnfold.report import Reason
-from tests.builders import assert_equivalent, conv_bn_relu, init, model
+from tests.onnx.helpers import F16, assert_equivalent, conv_bn_relu, init, make_model
 
 
 def with_bn(m: onnx.ModelProto, **values) -> onnx.ModelProto:
@@ -54,7 +54,7 @@ def test_fp16_overflow_is_refused_not_written() -> None:
              helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["output"], name="bn")]
     inits = [init("w", w), init("g", np.full(4, 100, np.float16)), init("b", np.zeros(4, np.float16)),
              init("m", np.zeros(4, np.float16)), init("v", np.full(4, 1e-3, np.float16))]
-    m = model(nodes, [("input", [1, 3, 4, 4])], [("output", [1, 4, 4, 4])], inits, elem=onnx.TensorProto.FLOAT16)
+    m = make_model(nodes, [("input", [1, 3, 4, 4], F16)], [("output", F16, [1, 4, 4, 4])], inits)
     out, report = fold_onnx(m)
     assert report.folded == 0
     assert report.candidates[0].reasons[0].code is Reason.FP16_OVERFLOW

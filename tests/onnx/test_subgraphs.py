@@ -7,12 +7,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from bnfold import fold_onnx
-from tests.builders import bn_inits, bn_node, init, session
+from tests.onnx.helpers import bn_inits, bn_node, init, ort_session
 
 
 def if_model(rng):
     """then: Conv → BN using outer-scope constants; else: Conv with the same (shared) weight."""
-    then_nodes = [helper.make_node("Conv", ["input", "conv.w"], ["c"], name="conv_then", pads=[1, 1, 1, 1]), bn_node("bn_then", "c", "t_out")]
+    then_nodes = [helper.make_node("Conv", ["input", "conv.w"], ["c"], name="conv_then", pads=[1, 1, 1, 1]), bn_node("c", "t_out", "bn_then")]
     then_g = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 4, 5, 5])])
     else_g = helper.make_graph(
         [helper.make_node("Conv", ["input", "conv.w"], ["e_out"], name="conv_else", pads=[1, 1, 1, 1])],
@@ -42,7 +42,7 @@ def test_if_branch_folds_with_outer_constants_and_shared_weight_copied() -> None
     graphs = [out.graph] + [a.g for a in out.graph.node[0].attribute]
     w = next(t for g in graphs for t in g.initializer if t.name == "conv.w")
     assert onnx.numpy_helper.to_array(w).tobytes() == onnx.numpy_helper.to_array(m.graph.initializer[0]).tobytes()
-    s1, s2 = session(m), session(out)
+    s1, s2 = ort_session(m), ort_session(out)
     x = rng.standard_normal((1, 3, 5, 5)).astype(np.float32)
     for cond in (True, False):
         a = s1.run(None, {"input": x, "cond": np.array(cond)})[0]
@@ -56,7 +56,7 @@ def test_loop_body_folds() -> None:
         [
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
             helper.make_node("MatMul", ["state", "W"], ["mm"], name="body_mm"),
-            bn_node("body_bn", "mm", "state_out"),
+            bn_node("mm", "state_out", "body_bn"),
         ],
         "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
@@ -75,7 +75,7 @@ def test_loop_body_folds() -> None:
     out, report = fold_onnx(m)
     assert report.folded == 1
     x = rng.standard_normal((2, 4)).astype(np.float32)
-    a, b = session(m).run(None, {"input": x})[0], session(out).run(None, {"input": x})[0]
+    a, b = ort_session(m).run(None, {"input": x})[0], ort_session(out).run(None, {"input": x})[0]
     assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))
 
 
@@ -104,5 +104,5 @@ def test_model_local_function_folds() -> None:
     assert report.folded == 1 and report.candidates[0].graph.startswith("function")
     assert "BatchNormalization" not in [n.op_type for n in out.functions[0].node]
     x = rng.standard_normal((1, 3, 5, 5)).astype(np.float32)
-    a, b = session(m).run(None, {"input": x})[0], session(out).run(None, {"input": x})[0]
+    a, b = ort_session(m).run(None, {"input": x})[0], ort_session(out).run(None, {"input": x})[0]
     assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper
 
 from bnfold import fold_onnx
-from tests.builders import assert_equivalent, bn_inits, bn_node, init, model, op_types
+from tests.onnx.helpers import F32, assert_equivalent, bn_inits, bn_node, init, make_model, op_types
 
 C = 4
 
@@ -16,7 +16,7 @@ def conv_then(rng, chain_nodes, chain_inits, hw=5, last="z"):
     nodes = [helper.make_node("Conv", ["input", "conv.w"], ["c"], name="conv", pads=[1, 1, 1, 1]), *chain_nodes,
              helper.make_node("Relu", [last], ["output"], name="relu")]
     inits = [init("conv.w", rng.standard_normal((C, 3, 3, 3)).astype(np.float32)), *chain_inits]
-    return model(nodes, [("input", [1, 3, hw, hw])], [("output", None)], inits)
+    return make_model(nodes, [("input", [1, 3, hw, hw], F32)], [("output", F32)], inits)
 
 
 def pc(rng, shape=(C, 1, 1), positive=False):
@@ -69,7 +69,7 @@ def test_constant_divided_by_x_is_not_affine() -> None:
 def test_caffe_batchnorm_plus_scale() -> None:
     """Caffe exports BN (γ=1, β=0) followed by a Scale layer: BN → Mul → Add folds as one."""
     rng = np.random.default_rng(4)
-    nodes = [bn_node("bn", "c", "b"), helper.make_node("Mul", ["b", "gamma"], ["s"], name="scale_mul"),
+    nodes = [bn_node("c", "b"), helper.make_node("Mul", ["b", "gamma"], ["s"], name="scale_mul"),
              helper.make_node("Add", ["s", "beta"], ["z"], name="scale_add")]
     m = conv_then(rng, nodes, [*bn_inits("bn", C, rng), init("gamma", pc(rng)), init("beta", pc(rng))])
     out, report = fold_onnx(m)
@@ -80,7 +80,7 @@ def test_caffe_batchnorm_plus_scale() -> None:
 
 def test_bn_then_bn() -> None:
     rng = np.random.default_rng(5)
-    m = conv_then(rng, [bn_node("bn1", "c", "b"), bn_node("bn2", "b", "z")], [*bn_inits("bn1", C, rng), *bn_inits("bn2", C, rng)])
+    m = conv_then(rng, [bn_node("c", "b", "bn1"), bn_node("b", "z", "bn2")], [*bn_inits("bn1", C, rng), *bn_inits("bn2", C, rng)])
     out, report = fold_onnx(m)
     assert op_types(out) == ["Conv", "Relu"]
     assert report.found == 2 and report.folded == 2
@@ -89,7 +89,7 @@ def test_bn_then_bn() -> None:
 
 def test_conv_add_bias_then_bn() -> None:
     rng = np.random.default_rng(6)
-    m = conv_then(rng, [helper.make_node("Add", ["c", "bias"], ["a"], name="bias_add"), bn_node("bn", "a", "z")],
+    m = conv_then(rng, [helper.make_node("Add", ["c", "bias"], ["a"], name="bias_add"), bn_node("a", "z")],
                   [init("bias", pc(rng)), *bn_inits("bn", C, rng)])
     out, _ = fold_onnx(m)
     assert op_types(out) == ["Conv", "Relu"]
@@ -109,7 +109,7 @@ def test_width_broadcast_constant_is_left_alone(op: str) -> None:
 
 def test_width_broadcast_after_bn_stops_the_chain() -> None:
     rng = np.random.default_rng(8)
-    nodes = [bn_node("bn", "c", "b"), helper.make_node("Mul", ["b", "k"], ["z"], name="wmul")]
+    nodes = [bn_node("c", "b"), helper.make_node("Mul", ["b", "k"], ["z"], name="wmul")]
     m = conv_then(rng, nodes, [*bn_inits("bn", C, rng), init("k", pc(rng, shape=(C,)))], hw=C)
     out, report = fold_onnx(m)
     assert op_types(out) == ["Conv", "Mul", "Relu"]
@@ -129,7 +129,8 @@ def test_matmul_add_bias_alone_is_not_rewritten() -> None:
     """MatMul → Add(bias) with no BatchNorm is already canonical: folding it would churn, not help."""
     rng = np.random.default_rng(10)
     nodes = [helper.make_node("MatMul", ["input", "W"], ["a"], name="mm"), helper.make_node("Add", ["a", "b"], ["output"], name="add")]
-    m = model(nodes, [("input", [2, 5])], [("output", [2, 3])], [init("W", rng.standard_normal((5, 3)).astype(np.float32)), init("b", pc(rng, shape=(3,)))])
+    inits = [init("W", rng.standard_normal((5, 3)).astype(np.float32)), init("b", pc(rng, shape=(3,)))]
+    m = make_model(nodes, [("input", [2, 5], F32)], [("output", F32, [2, 3])], inits)
     out, report = fold_onnx(m)
     assert out.SerializeToString() == m.SerializeToString() and not report.candidates
 
@@ -144,7 +145,7 @@ def test_constant_that_broadcasts_the_data_up_is_not_folded() -> None:
     ]
     inits = [init("w", rng.standard_normal((1, 3, 1, 1)).astype(np.float32)), init("k", pc(rng)),
              init("w2", rng.standard_normal((2, C, 1, 1)).astype(np.float32))]
-    m = model(nodes, [("input", [1, 3, 5, 5])], [("output", [1, 2, 5, 5])], inits)
+    m = make_model(nodes, [("input", [1, 3, 5, 5], F32)], [("output", F32, [1, 2, 5, 5])], inits)
     out, report = fold_onnx(m)
     assert op_types(out) == ["Conv", "Mul", "Conv"]
     assert out.SerializeToString() == m.SerializeToString()

@@ -8,7 +8,7 @@ from onnx import helper
 
 from bnfold import fold_onnx
 from bnfold.report import Reason
-from tests.builders import bn_inits, bn_node, init, session
+from tests.onnx.helpers import bn_inits, bn_node, init, ort_session
 
 
 def ir3_model(rng):
@@ -17,7 +17,7 @@ def ir3_model(rng):
         helper.make_node("ConstantOfShape", ["wshape"], ["w0"], name="cos", value=helper.make_tensor("v", 1, [1], [0.25])),
         helper.make_node("Mul", ["w0", "wscale"], ["w"], name="wmul"),
         helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        bn_node("bn", "c", "output"),
+        bn_node("c", "output"),
     ]
     inits = [init("wshape", np.array([4, 3, 3, 3], np.int64)), init("wscale", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)), *bn_inits("bn", 4, rng)]
     inputs = [helper.make_tensor_value_info("input", 1, [1, 3, 5, 5])] + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
@@ -29,7 +29,7 @@ def ir3_model(rng):
 
 
 def close(a, b, x):
-    ra, rb = session(a).run(None, x)[0], session(b).run(None, x)[0]
+    ra, rb = ort_session(a).run(None, x)[0], ort_session(b).run(None, x)[0]
     return np.max(np.abs(ra - rb)) <= 1e-5 * np.max(np.abs(ra))
 
 
