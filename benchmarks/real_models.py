@@ -338,8 +338,8 @@ def fold_in_torch(name: str, net: nn.Module, x: torch.Tensor) -> TorchRow:
     return row
 
 
-def run_model(name: str, exporters: tuple[str, ...], torch_too: bool) -> tuple[list[OnnxRow], TorchRow | None]:
-    net, x = build(name)
+def run_model(name: str, exporters: tuple[str, ...], torch_too: bool, seed: int = 0) -> tuple[list[OnnxRow], TorchRow | None]:
+    net, x = build(name, seed)
     rows: list[OnnxRow] = []
     with tempfile.TemporaryDirectory(prefix="bnfold-real-") as tmp:
         files = export(net, x, Path(tmp))
@@ -353,13 +353,13 @@ def _left(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "—"
 
 
-def print_tables(rows: list[OnnxRow], trows: list[TorchRow], wall: float) -> None:
+def print_tables(rows: list[OnnxRow], trows: list[TorchRow], wall: float, seed: int = 0) -> None:
     import onnxruntime
 
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"python {platform.python_version()}, torch {torch.__version__}, onnx {onnx.__version__}, "
           f"onnxruntime {onnxruntime.__version__}; timm/torchvision with pretrained=False, trained-like BN statistics "
-          f"(sample_models.deep.trained_like, seed 0); input 1×3×{SIDE}×{SIDE} (LeViT 224, YOLO 128); wall {wall:.0f} s\n")
+          f"(sample_models.deep.trained_like, seed {seed}); input 1×3×{SIDE}×{SIDE} (LeViT 224, YOLO 128); wall {wall:.0f} s\n")
     print("| model | exporter | BNs | folded | left (reason: count) | verify | fold err / noise | fold s |")
     print("|---|---|---:|---:|---|---|---|---:|")
     for r in rows:
@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--exporters", default=",".join(EXPORTERS))
     ap.add_argument("--no-torch", action="store_true", help="skip fold_torch")
+    ap.add_argument("--seed", type=int, default=0, help="weights, statistics and inputs (default 0)")
     ap.add_argument("--json", help="also write every row (and each BN left) to this file")
     ap.add_argument("--show-left", action="store_true", help="print every BN left, with its reason")
     args = ap.parse_args(argv)
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         try:
-            r, t = run_model(name, exporters, not args.no_torch)
+            r, t = run_model(name, exporters, not args.no_torch, args.seed)
         except Exception:  # noqa: BLE001
             print(f"{name}: failed to build\n{traceback.format_exc()}", file=sys.stderr)
             continue
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         if t is not None:
             trows.append(t)
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-    print_tables(rows, trows, time.perf_counter() - start)
+    print_tables(rows, trows, time.perf_counter() - start, args.seed)
     if args.show_left:
         for r in rows:
             for line in r.left_nodes:
