@@ -166,6 +166,27 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "tv_googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), SIDE),
     "yolov8n_style": (YoloV8n, 128),
 }
+# More architectures, run with ``--models extra`` (or by name): reparameterisable blocks (RepGhost, RepViT),
+# BatchNorm inside attention (EfficientFormer, EfficientViT-MSRA, LeViT's conv variant), ghost modules,
+# multi-branch/multi-scale (HRNet, DLA, Res2Net, VoVNet), MobileViT, MobileNetV4, HGNetV2.
+EXTRA: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "ghostnet_100": (_timm("ghostnet_100"), SIDE),
+    "repghostnet_050": (_timm("repghostnet_050"), SIDE),
+    "repvit_m0_9": (_timm("repvit_m0_9"), 224),
+    "efficientformer_l1": (_timm("efficientformer_l1"), 224),
+    "efficientvit_m0": (_timm("efficientvit_m0"), 224),
+    "efficientvit_b0": (_timm("efficientvit_b0"), 128),
+    "levit_conv_128s": (_timm("levit_conv_128s"), 224),
+    "mobilevit_xxs": (_timm("mobilevit_xxs"), 128),
+    "mobilenetv4_conv_small": (_timm("mobilenetv4_conv_small"), SIDE),
+    "hgnetv2_b0": (_timm("hgnetv2_b0"), SIDE),
+    "ese_vovnet19b_dw": (_timm("ese_vovnet19b_dw"), SIDE),
+    "dla34": (_timm("dla34"), SIDE),
+    "hrnet_w18_small": (_timm("hrnet_w18_small"), SIDE),
+    "res2net50_14w_8s": (_timm("res2net50_14w_8s"), SIDE),
+    "lcnet_050": (_timm("lcnet_050"), SIDE),
+}
+ALL = {**MODELS, **EXTRA}
 EXPORTERS = ("torchscript", "dynamo", "dynamo-noopt")
 
 
@@ -199,7 +220,7 @@ class TorchRow:
 
 def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """The model with trained-like statistics (calibrated at its own input size), eval mode, and an input."""
-    make, side = MODELS[name]
+    make, side = ALL[name]
     torch.manual_seed(seed)
     net = make()
     shape = (1, 3, side, side)
@@ -392,15 +413,18 @@ def print_tables(rows: list[OnnxRow], trows: list[TorchRow], wall: float, seed: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="comma-separated names, or 'extra' for the EXTRA list, 'all' for both; default: " + ", ".join(MODELS)
+                    + "; extra: " + ", ".join(EXTRA))
     ap.add_argument("--exporters", default=",".join(EXPORTERS))
     ap.add_argument("--no-torch", action="store_true", help="skip fold_torch")
     ap.add_argument("--seed", type=int, default=0, help="weights, statistics and inputs (default 0)")
     ap.add_argument("--json", help="also write every row (and each BN left) to this file")
     ap.add_argument("--show-left", action="store_true", help="print every BN left, with its reason")
     args = ap.parse_args(argv)
-    names = [m for m in args.models.split(",") if m]
-    unknown = [m for m in names if m not in MODELS]
+    groups = {"extra": list(EXTRA), "all": list(ALL)}
+    names = [n for m in args.models.split(",") if m for n in groups.get(m, [m])]
+    unknown = [m for m in names if m not in ALL]
     if unknown:
         ap.error(f"unknown model(s): {', '.join(unknown)}")
     exporters = tuple(e for e in args.exporters.split(",") if e)
