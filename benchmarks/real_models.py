@@ -377,10 +377,12 @@ def _left(d: dict[str, int]) -> str:
 def print_tables(rows: list[OnnxRow], trows: list[TorchRow], wall: float, seed: int = 0) -> None:
     import onnxruntime
 
+    sides = {m: ALL[m][1] for m in dict.fromkeys(r.model for r in rows) if ALL[m][1] != SIDE}
+    others = f" ({', '.join(f'{m} {s}' for m, s in sides.items())})" if sides else ""
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"python {platform.python_version()}, torch {torch.__version__}, onnx {onnx.__version__}, "
           f"onnxruntime {onnxruntime.__version__}; timm/torchvision with pretrained=False, trained-like BN statistics "
-          f"(sample_models.deep.trained_like, seed {seed}); input 1×3×{SIDE}×{SIDE} (LeViT 224, YOLO 128); wall {wall:.0f} s\n")
+          f"(sample_models.deep.trained_like, seed {seed}); input 1×3×{SIDE}×{SIDE}{others}; wall {wall:.0f} s\n")
     print("| model | exporter | BNs | folded | left (reason: count) | verify | fold err / noise | fold s |")
     print("|---|---|---:|---:|---|---|---|---:|")
     for r in rows:
