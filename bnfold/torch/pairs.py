@@ -228,7 +228,25 @@ def _pair_producer(p: Pairing, graph: SiteGraph, by_name: dict[str, ModuleInfo])
     site = graph.sites[p.sites[0]]
     src = graph.producer_of.get(site.inputs[0])
     what = graph.sites[src].label if src is not None else graph.describe(site.inputs[0])
-    _refuse(p, Reason.NO_LINEAR_NEIGHBOUR, f"{site.label} takes its input from {what}, not from a Conv/ConvTranspose/Linear module")
+    _refuse(p, Reason.NO_LINEAR_NEIGHBOUR, f"{site.label} takes its input from {what}, not from a Conv/ConvTranspose/Linear module"
+            + _identity_branch_words(graph, site.inputs[0], by_name))
+
+
+def _identity_branch_words(graph: SiteGraph, value: str, by_name: dict[str, ModuleInfo]) -> str:
+    """Say so when the BatchNorm reads the same tensor as a Conv module: likely a RepVGG/MobileOne identity
+    branch, which the ONNX pass merges into that conv (rule ``reparam``) and fold_torch does not (it would
+    have to rewrite the block's forward, not only parameters). Measured on timm repvgg/mobileone/fastvit."""
+    siblings = []
+    for u in graph.users(value):
+        if u.startswith("site:"):
+            s = graph.sites[int(u[5:])]
+            info = by_name.get(s.module) if s.call is None else None
+            if info is not None and info.role == "producer" and info.kind == "conv":
+                siblings.append(s.label)
+    if not siblings:
+        return ""
+    return (f"; it reads the same input as {', '.join(siblings[:3])}: an identity branch, which fold_torch does not "
+            "re-parameterise (export to ONNX and run bnfold there: rule reparam merges it into the conv)")
 
 
 def _only_feeds(graph: SiteGraph, value: str, allowed: set[str]) -> list[str]:

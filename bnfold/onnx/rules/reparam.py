@@ -16,6 +16,12 @@ the 3x3). The Add tree and all but one conv disappear: 3 branches → 1 Conv, wh
 do by itself, so the merged block is also faster at ORT_ENABLE_ALL. The merged conv takes over the last
 Add's output tensor (its name survives). Math: `bnfold.affine.merge_branches`.
 
+FastViT's RepMixer *subtracts* the bare BatchNorm instead: ``y = Mixer(x) − Norm(x)``, where the
+mixer is a MobileOne block (its branches merge into one conv first) and the norm is a bare ``BN(x)``.
+``Σ_i Conv_i(x) − (s·x + t)`` is the same merge with the identity branch negated, ``(−s, −t)``; the Sub
+is the root, its output the merged conv's. (Only the BatchNorm as the subtrahend: as the minuend the
+convs would have to be negated.)
+
 Preconditions (the pattern is there but the merge is not exact → refusal with a reason):
 
 * every branch conv reads x as its data input, and its output is read only by the Add tree, which is
@@ -61,6 +67,7 @@ class BranchSite(Site):
     convs: list[gs.Node] = field(default_factory=list)
     adds: list[gs.Node] = field(default_factory=list)  # every Add of the tree; the last is the root
     out: gs.Tensor | None = None  # the root Add's output: the merged conv's output
+    negate: bool = False  # the root is ``Sub(Σ convs, BN(x))``: the identity branch enters with a minus sign
 
 
 class ReparamBranches(Rule):
@@ -73,6 +80,8 @@ class ReparamBranches(Rule):
         if ctx.is_output(y) or len(y.outputs) != 1:
             return None
         first = y.outputs[0]
+        if _is_sub_of(first, y):
+            return self._match_subtracted(chain, first, ctx)
         if not _is_add(first) or sum(t is y for t in first.inputs) != 1:
             return None
         root = first  # climb while the parent Add's other operand is a sum of branches on x
@@ -105,6 +114,34 @@ class ReparamBranches(Rule):
         target = max(convs, key=lambda c: _kernel_volume(c, ctx))
         return BranchSite(target, convs=convs, adds=adds, out=root.outputs[0])
 
+    def _match_subtracted(self, chain: Chain, sub: gs.Node, ctx: PlanContext) -> Site | None:
+        """``Sub(Σ_i Conv_i(x), chain(x))`` (FastViT RepMixer: ``mixer(x) − norm(x)``)."""
+        x, y = chain.x, chain.y
+        adds: list[gs.Node] = []
+        branches = _leaves(sub.inputs[0], y, adds)
+        adds.append(sub)
+        if any(t is y for t in branches):
+            return None
+        for t in branches:
+            if not _conv_on(t, x):
+                _wait_for_branch_fold(t, x, ctx)
+                producer = t.inputs[0] if t.inputs else None
+                what = f"{producer.op} '{display(producer)}'" if producer is not None else f"'{t.name}'"
+                raise Later(
+                    Reason.NO_LINEAR_NEIGHBOUR,
+                    f"it is subtracted from a sum whose term {what} is not a Conv on the same input "
+                    "(the identity branch merges only into bare sibling convs)",
+                )
+        convs = [t.inputs[0] for t in branches]
+        if len({id(c) for c in convs}) != len(convs):
+            return None
+        for add in adds[:-1]:
+            _refuse_shared(add, ctx)
+        for conv in convs:
+            _refuse_shared(conv, ctx)
+        target = max(convs, key=lambda c: _kernel_volume(c, ctx))
+        return BranchSite(target, convs=convs, adds=adds, out=sub.outputs[0], negate=True)
+
     def plan(self, chain: Chain, site: Site, ctx: PlanContext) -> Fold:
         assert isinstance(site, BranchSite)
         params = [weights(conv, ctx) for conv in site.convs]
@@ -126,6 +163,8 @@ class ReparamBranches(Rule):
                 "an identity branch needs C_in = C_out",
             )
         affine = fit(chain.affine, c_out, site.target)
+        if site.negate:
+            affine = A.Affine(-affine.scale, -affine.shift, list(affine.notes))
         kernel = tuple(max(w.shape[2 + i] for w, _ in params) for i in range(params[0][0].ndim - 2))
         dilations = _shared_dilations(site.convs, [w for w, _ in params], kernel)
         nw, nb = A.merge_branches([w for w, _ in params], [b for _, b in params], kernel, affine)
@@ -159,6 +198,14 @@ class ReparamBranches(Rule):
 # ---------------------------------------------------------------------------------------------
 def _is_add(node: gs.Node) -> bool:
     return node.op == "Add" and is_standard(node) and len(node.inputs) == 2 and len(node.outputs) == 1
+
+
+def _is_sub_of(node: gs.Node, y: gs.Tensor) -> bool:
+    """``node`` is a standard two-input Sub with ``y`` as its subtrahend only."""
+    return (
+        node.op == "Sub" and is_standard(node) and len(node.inputs) == 2 and len(node.outputs) == 1
+        and node.inputs[1] is y and node.inputs[0] is not y
+    )
 
 
 def _leaves(t: gs.Tensor, y: gs.Tensor, adds: list[gs.Node]) -> list[gs.Tensor]:
