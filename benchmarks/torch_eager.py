@@ -4,7 +4,7 @@ Models are built here, nothing is downloaded, torchvision is not needed:
 
 * ``resnet50``: Bottleneck blocks [3, 4, 6, 3], ~25.6M parameters, 53 BatchNorm2d;
 * ``efficientnet``: MBConv blocks whose BatchNorms are timm-style ``BatchNormAct2d`` (a BatchNorm2d
-  subclass with its own forward; `tests/torch/library_models.py`): fx ``fuse`` matches only
+  subclass with its own forward; `sample_models/torch_library.py`): fx ``fuse`` matches only
   Conv→BatchNorm module pairs, so it folds none of them.
 
 fx ``fuse`` is timed where fx can trace the model (it returns an ``fx.GraphModule``, not the user's
@@ -97,7 +97,7 @@ def build_efficientnet(seed: int) -> nn.Module:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.torch.library_models import EfficientNetLike, trained_like
+    from sample_models.torch_library import EfficientNetLike, trained_like
 
     torch.manual_seed(seed)
     return trained_like(EfficientNetLike(width=32, blocks=8, classes=1000), (2, 3, 64, 64), seed=seed)

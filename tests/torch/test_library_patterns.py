@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.report import Reason, Status  # noqa: E402
-from tests.torch.library_models import (  # noqa: E402
+from sample_models.torch_library import (  # noqa: E402
     BatchNormAct2d,
     ConcatReused,
     DeepPlain,

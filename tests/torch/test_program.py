@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 import bnfold  # noqa: E402
 from bnfold.report import Reason, Status  # noqa: E402
-from tests.torch.library_models import (  # noqa: E402
+from sample_models.torch_library import (  # noqa: E402
     ConcatReused,
     EfficientNetLike,
     LeViTLike,
