@@ -19,7 +19,7 @@ from bnfold.affine import FoldOverflowError
 from bnfold.errors import UsageError, VerificationError
 from bnfold.report import Candidate, FoldReport, Reason, SkipReason, Status
 from bnfold.torch import apply, graph as graphs
-from bnfold.torch.checking import _run, measure_before, verify_fold  # noqa: F401 - export.py imports _run from here
+from bnfold.torch.checking import _run, example_args, measure_before, verify_fold
 from bnfold.torch.kinds import ModuleInfo, recognise
 from bnfold.torch.pairs import Pairing, find_pairs
 
@@ -50,7 +50,7 @@ def fold_torch(
         return fold_program(model, example_inputs)
     if not isinstance(model, nn.Module):
         raise UsageError(f"fold_torch expects a torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")
-    args = _as_args(example_inputs)
+    args = example_args(example_inputs)
     _require_eval(model)
     work = model if inplace else copy.deepcopy(model)
     infos = recognise(work)
@@ -107,16 +107,6 @@ def _candidate(p: Pairing) -> Candidate:
     )
 
 
-def _as_args(example_inputs: Any) -> tuple | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise UsageError(
-        f"example_inputs must be a tensor or a tuple of positional arguments, got {type(example_inputs).__name__}"
-    )
 
 
 def _require_eval(model: nn.Module) -> None:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from bnfold.criterion import judge
-from bnfold.errors import VerificationError
+from bnfold.errors import UsageError, VerificationError
 
 _DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -121,3 +122,16 @@ def _rel(a: torch.Tensor, exact: torch.Tensor, scale: float) -> float:
     if torch.isnan(diff).any():
         return float("inf")
     return float(diff.max()) / scale
+
+
+def example_args(example_inputs: Any) -> tuple | None:
+    """``example_inputs`` as positional arguments: a tensor, a tuple or list of them, or None."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise UsageError(
+        f"example_inputs must be a tensor or a tuple of positional arguments, got {type(example_inputs).__name__}"
+    )

@@ -27,7 +27,8 @@ from torch import nn
 from bnfold import files
 from bnfold.errors import OutputError, UsageError, VerificationError
 from bnfold.report import FoldReport, Status
-from bnfold.torch.api import _as_args, _run, fold_torch
+from bnfold.torch.api import fold_torch
+from bnfold.torch.checking import _run, example_args
 
 NOISE = "the original's float32 error vs its float64 copy"
 
@@ -50,7 +51,7 @@ def export_onnx(
     allowance), else `VerificationError`, which says what was measured, and nothing is written. The ONNX check's findings go in ``report.notes``;
     with ``strict=True`` a foldable BatchNorm left in the file is an error too.
     """
-    args = _as_args(example_inputs)
+    args = example_args(example_inputs)
     if args is None:
         raise UsageError("export_onnx needs example_inputs (a tensor or a tuple of positional arguments)")
     target = Path(path)

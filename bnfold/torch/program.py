@@ -34,7 +34,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from bnfold.affine import FoldOverflowError, batchnorm_affine, channel_slice, fold_into_conv, fold_into_conv_transpose
 from bnfold.report import Candidate, FoldReport, Reason, SkipReason, Status
 from bnfold.torch.apply import to_torch
-from bnfold.torch.checking import measure_before, verify_fold
+from bnfold.torch.checking import example_args, measure_before, verify_fold
 from bnfold.torch.graph import COMPUTED, Site, SiteGraph, export_state_names, from_export
 from bnfold.torch.kinds import SUPPORTED_DTYPES
 
@@ -86,10 +86,9 @@ class _Plan:
 
 def fold_program(ep: ExportedProgram, example_inputs: Any = None) -> tuple[ExportedProgram, FoldReport]:
     """A new ExportedProgram with every provably foldable BatchNorm op folded, and the report."""
-    from bnfold.torch.api import _as_args
 
     start = time.perf_counter()
-    args = _as_args(example_inputs)
+    args = example_args(example_inputs)
     if args is None and ep.example_inputs is not None and not ep.example_inputs[1]:
         args = tuple(ep.example_inputs[0])
     with warnings.catch_warnings():  # torch's own pytree deprecation, raised by copying its TreeSpecs
