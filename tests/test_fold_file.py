@@ -18,7 +18,6 @@ from tests.builders import assert_equivalent, conv_bn_relu
 def small_park(monkeypatch):
     """Park every constant, however small, so the streaming path runs on tiny test models."""
     monkeypatch.setattr(storage, "PARK_BYTES", 0)
-    monkeypatch.setattr(storage, "STREAM_BYTES", 0)
 
 
 def test_streamed_bytes_equal_the_materialised_model(tmp_path: Path, small_park) -> None:
