@@ -70,3 +70,18 @@ def test_a_check_makes_no_store(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(api, "TensorStore", forbidden)
     assert api.check_onnx(src).foldable == 1
+
+
+def test_a_spilling_store_keeps_large_values_out_of_memory(tmp_path: Path) -> None:
+    """With a spill folder, a large value is written there once and held as a reference; small ones
+    and values already held stay as they are."""
+    store = storage.TensorStore(tmp_path)
+    big = np.arange(storage.Spill.MIN_BYTES // 4, dtype=np.float32)
+    held = store.hold(big, "big")
+    assert store.hold(held, "big") is held  # a replay of the same edit spills nothing more
+    small = store.hold(np.ones(3, np.float32), "small")
+    store.close()
+    assert isinstance(small, np.ndarray)
+    assert held.tensor.data_location == onnx.TensorProto.EXTERNAL
+    assert (tmp_path / "bnfold-folded-weights.bin").stat().st_size == big.nbytes
+    assert np.array_equal(io.read_tensor(held.tensor), big)

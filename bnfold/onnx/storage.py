@@ -25,15 +25,16 @@ and written one of three ways by `save_model` (which `io.commit` then renames in
 Why not onnx-ir (1.1.0 tried): its lazy tensors and ``onnx_ir.save(model, path, external_data=...)``
 would replace `Spill`, the pending arrays and both streaming writers — it writes each tensor from
 wherever it lives. Rejected for now because (1) the pass rewrites an onnx-graphsurgeon graph, so
-onnx-ir would be a second in-memory IR and a conversion each way, costing what this module saves on
-small models; (2) its inline output is not byte-identical to ``onnx.save`` of the same model (tried on
-MobileNetV2), while bnfold promises that a model in which nothing folds, and a second run of the fold,
-come out byte for byte as before (tests check both); (3) it writes to the final path, while every
-write here goes to a temporary folder and is committed in two renames (`io.commit`), with data-file
-names bnfold owns (`io.data_file_name`); (4) its loader refuses ``..`` in external locations but does
-not replace bnfold's own checks on reading (`io.external_data_files`: symlinked folders, FIFOs,
-dims against byte ranges), which would still run first. Worth revisiting if the pass itself moves
-from onnx-graphsurgeon to onnx-ir.
+onnx-ir would be a second in-memory IR with a conversion each way on every run: per-node work, the
+kind that already dominates small models; (2) its output is not byte-identical to ``onnx.save`` of
+the same model (``onnx_ir.load`` + ``onnx_ir.save`` of MobileNetV2 differs), while bnfold writes
+exactly ``SerializeToString``'s bytes (a test compares them) and a second fold of the same file is
+byte-identical; (3) it writes to the final path, while every write here goes to a temporary folder
+and is committed in two renames (`io.commit`) under data-file names bnfold owns
+(`io.data_file_name`); (4) its loader refuses a ``..`` location (tried), but bnfold's own checks on
+reading (`io.external_data_files`: symlinked folders, FIFOs, dims against byte ranges, tested in
+tests/test_hostile.py) would still have to run first. Worth revisiting if the pass itself moves from
+onnx-graphsurgeon to onnx-ir.
 """
 
 from __future__ import annotations
