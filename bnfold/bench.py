@@ -321,7 +321,7 @@ def _like_original(folded_model: Any, original: Any):
     bytes otherwise — so that session-creation times compare like for like."""
     import tempfile
 
-    from bnfold.onnx.io import save_model
+    from bnfold.onnx.storage import save_model
     from bnfold.sessions import ModelSource, model_source
 
     if not isinstance(original, (str, os.PathLike)):

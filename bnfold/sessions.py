@@ -54,7 +54,7 @@ def model_source(model: onnx.ModelProto | str | os.PathLike[str], label: str | N
         return ModelSource(label or "<memory>", model.SerializeToString())
     tmp = tempfile.TemporaryDirectory(prefix="bnfold-ort-")
     path = os.path.join(tmp.name, "model.onnx")
-    from bnfold.onnx.io import save_model
+    from bnfold.onnx.storage import save_model
 
     save_model(model, path, external_data=True)
     return ModelSource(label or "<memory>", path, tmp)

@@ -114,7 +114,7 @@ def test_output_write_failure_leaves_existing_file_untouched(tmp_path: Path, mon
             fh.write(b"partial")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("bnfold.onnx.io._write_serialized", half_then_fail)
+    monkeypatch.setattr("bnfold.onnx.storage._write_serialized", half_then_fail)
     result = CliRunner().invoke(main, [str(p), "-o", str(out), "--no-verify"])
     assert result.exit_code == EXIT_USAGE, result.output
     assert "No space left" in result.output

@@ -273,6 +273,13 @@ PAUSE_SCRIPT = textwrap.dedent(
 )
 
 
+def _default_signals() -> None:
+    """The child starts with default dispositions even where the runner was started with SIGINT ignored
+    (a shell's `cmd &` does that): bnfold rightly leaves an ignored signal ignored."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_mid_write_leaves_no_debris_and_the_old_pair_whole(tmp_path: Path, sig: int) -> None:
     src = external_pair(tmp_path, 0, "src.onnx")
@@ -280,7 +287,7 @@ def test_a_signal_mid_write_leaves_no_debris_and_the_old_pair_whole(tmp_path: Pa
     old = (tmp_path / "out.onnx").read_bytes()
     marker = tmp_path / "marker"
     proc = subprocess.Popen([sys.executable, "-c", PAUSE_SCRIPT, str(src), str(tmp_path / "out.onnx"), str(marker)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
@@ -373,7 +380,7 @@ def test_a_signal_during_bench_removes_its_temporary_model(tmp_path: Path) -> No
         return [p.name for p in tmp.iterdir() if "bnfold" in p.name]
 
     proc = subprocess.Popen([sys.executable, "-c", BENCH_PAUSE, str(src), str(marker)], env={**os.environ, "TMPDIR": str(tmp)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():

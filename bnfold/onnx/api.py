@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
@@ -24,8 +23,9 @@ from onnx import helper
 from bnfold.errors import BnfoldError, InputError
 from bnfold.onnx import io
 from bnfold.onnx.constants import ConstantResolver
-from bnfold.onnx.fold import GraphEdit, Spill
+from bnfold.onnx.fold import GraphEdit
 from bnfold.onnx.plan import Plan, apply_plan, plan_model
+from bnfold.onnx.storage import TensorStore
 from bnfold.report import FoldReport
 
 
@@ -35,19 +35,19 @@ class FoldOptions:
 
     ``assume_constant``: treat initializers that are also graph inputs (IR ≥ 4) as constants.
     ``dry_run``: stop at the plan (check): no rewrite, no export, no postcondition, no file of any kind.
-    ``spill_dir``: a folder for the spill file of folded weights (bounded memory for external data).
-    ``pending``: folded weights stay numpy arrays in this dict (by initializer name) and the returned
-    model holds data-less stand-ins, for `io.save_model(..., pending=...)` to write.
+    ``store``: where folded values are held and how the result is written (`storage.TensorStore`:
+    spill file, pending arrays); None: a store holding them in memory, written into the returned model.
     ``source``: the name the report gives the model. ``checked``: the model was just loaded (and
-    checked) by `io.load_model_and_layout`, so the precondition is not run again.
+    checked) by `io.load_checked`, so the precondition is not run again; ``skeleton``: the skeleton
+    that check ran on, reused by shape inference.
     """
 
     assume_constant: bool = False
     dry_run: bool = False
-    spill_dir: str | os.PathLike[str] | None = None
-    pending: dict[str, np.ndarray] | None = None
+    store: TensorStore | None = None
     source: str | None = None
     checked: bool = False
+    skeleton: onnx.ModelProto | None = None
 
 
 def fold_onnx(
@@ -62,10 +62,11 @@ def fold_onnx(
     ``model``: a path or an in-memory ``ModelProto`` (never mutated). ``assume_constant``: treat
     initializers that are also graph inputs (IR ≥ 4) as constants. ``spill_dir``: write folded weights
     to a file there instead of keeping them in memory; the result then refers to that file and must be
-    written with `bnfold.onnx.io.save_model` before the folder goes (`fold_file` does all this).
+    written with `bnfold.onnx.storage.save_model` before the folder goes (`fold_file` does all this).
     Returns the folded model and the report.
     """
-    return _fold_model(model, FoldOptions(assume_constant=assume_constant, dry_run=dry_run, spill_dir=spill_dir))
+    store = None if dry_run else TensorStore(spill_dir)
+    return _fold_model(model, FoldOptions(assume_constant=assume_constant, dry_run=dry_run, store=store))
 
 
 def fold_file(
@@ -95,24 +96,24 @@ def fold_file(
 
     from bnfold import files
 
-    original, had_external = io.load_model_and_layout(source, load_data=False)
+    original, had_external, skeleton = io.load_checked(source, load_data=False)
     external = (had_external or None) if external_data is None else external_data
     in_place = os.path.exists(target) and os.path.samefile(source, target)
     protect = set() if in_place else io.external_data_files(original, Path(source), absolute=False)
     target_path = io.check_writable(target, external_data=external, protect=protect, force=force, follow_symlink=in_place)
-    pending: dict[str, np.ndarray] = {}
     with files.removing_temps_on_signals():
         spill_ctx = (tempfile.TemporaryDirectory(prefix=files.TEMP_PREFIX + "spill-", dir=target_path.parent)
                      if had_external else nullcontext(None))
         with spill_ctx as spill:
-            options = FoldOptions(assume_constant=assume_constant, spill_dir=spill, pending=pending, source=str(source), checked=True)
+            store = TensorStore(spill, pending=True)
+            options = FoldOptions(assume_constant=assume_constant, store=store, source=str(source), checked=True, skeleton=skeleton)
             folded, report = _fold_model(original, options)
             from bnfold.verify import before_writing
 
             hooks = [h for h in (before_commit, before_writing(source, target_path, verify)) if h is not None]
             hook = (lambda written: [h(written, report) for h in hooks]) if hooks else None
-            io.save_model(folded, target_path, external_data=external, keep_data=False, before_commit=hook,
-                          pending=pending, protect=protect, force=force)
+            store.save(folded, target_path, external_data=external, keep_data=False, before_commit=hook,
+                       protect=protect, force=force)
     return report
 
 
@@ -178,8 +179,8 @@ def check_onnx(
     computes stay in memory until it returns (with no spill file, that is the price of writing nothing).
     """
     if isinstance(model, (str, os.PathLike)):
-        proto, _ = io.load_model_and_layout(model, load_data=False)
-        options = FoldOptions(assume_constant=assume_constant, dry_run=True, source=str(model), checked=True)
+        proto, _, skeleton = io.load_checked(model, load_data=False)
+        options = FoldOptions(assume_constant=assume_constant, dry_run=True, source=str(model), checked=True, skeleton=skeleton)
         return _fold_model(proto, options)[1]
     return _fold_model(model, FoldOptions(assume_constant=assume_constant, dry_run=True))[1]
 
@@ -199,28 +200,24 @@ def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto
     what the export does not carry. Returns ``proto`` itself when nothing is (to be) rewritten."""
     overridable = _overridable_initializers(proto)
     treat_as_constant = options.assume_constant or proto.ir_version < 4
-    shapes = infer_shapes(proto)
+    shapes = infer_shapes(proto, options.skeleton)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
     graph = gs.import_onnx(proto)
     resolver = ConstantResolver(overridable, treat_as_constant, shapes, opset)
     names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
-    spill = None
-    if options.spill_dir is not None and not options.dry_run:
-        spill = Spill(os.path.join(os.fspath(options.spill_dir), "bnfold-folded-weights.bin"))
+    store = None if options.dry_run else options.store or TensorStore()
     try:
         # in place: the graph was imported for this run only (see plan.py, "In place")
-        plan = plan_model(graph, resolver, shapes, names, spill, in_place=True, dry_run=options.dry_run)
+        plan = plan_model(graph, resolver, shapes, names, store, in_place=True, dry_run=options.dry_run)
         if options.dry_run or not plan.folds:
             return proto, plan
-        edit = GraphEdit(graph, names, spill=spill)
+        edit = GraphEdit(graph, names, store=store)
         apply_plan(plan, edit)
     finally:
-        if spill is not None:
-            spill.close()
+        if store is not None:
+            store.close()
     graph.toposort()
-    parked = _park_large_constants(graph)
-    out = gs.export_onnx(graph, do_type_check=False)
-    _unpark(out.graph, parked, options.pending)
+    out = store.export(graph)
     functions = list(out.functions) or list(proto.functions)
     _copy_model_fields(proto, out)  # the exported graph is used as it is: no second copy of the weights
     del out.functions[:]
@@ -229,59 +226,6 @@ def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto
     _keep_source_value_info(proto, out)
     _restore_doc_strings(proto, out)
     return out, plan
-
-
-PARK_BYTES = 1 << 12
-"""Constants from this size up skip the graphsurgeon export's two copies (see `_park_large_constants`).
-
-Low, because the copies cost per tensor as much as per byte: on MobileNetV2 (most weights 10-600 KB)
-parking from 4 KiB instead of 1 MiB takes ~20% off `fold_file`; below that a stand-in gains nothing.
-"""
-
-
-def _park_large_constants(graph: gs.Graph) -> dict[str, object]:
-    """Swap every large constant for a data-less stand-in before the graphsurgeon export.
-
-    The export copies each initializer twice (into the GraphProto, then into the ModelProto); with the
-    stand-ins those copies are of a few bytes, and `_unpark` writes each real tensor into its place once.
-    """
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-
-    parked: dict[str, object] = {}
-    for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant):
-            continue
-        values = tensor._values
-        nbytes = values.nbytes if hasattr(values, "nbytes") else 0
-        if nbytes < PARK_BYTES:
-            continue
-        if isinstance(values, LazyValues):
-            parked[tensor.name] = values.tensor
-            data_type, dims = values.tensor.data_type, list(values.tensor.dims)
-        else:
-            parked[tensor.name] = np.ascontiguousarray(values)
-            data_type, dims = onnx.helper.np_dtype_to_tensor_dtype(values.dtype), list(values.shape)
-        tensor._values = LazyValues(onnx.TensorProto(name=tensor.name, data_type=data_type, dims=dims))
-    return parked
-
-
-def _unpark(graph: onnx.GraphProto, parked: dict[str, object], pending: dict[str, np.ndarray] | None = None) -> None:
-    """Write each parked tensor into its stand-in's place: one copy, one tensor at a time.
-
-    With ``pending``, numpy values are handed over there instead (the stand-in stays data-less) for the
-    writer to stream into the file without any protobuf copy.
-    """
-    for initializer in graph.initializer:
-        value = parked.pop(initializer.name, None)
-        if isinstance(value, np.ndarray):
-            if pending is not None:
-                pending[initializer.name] = value
-            else:
-                initializer.raw_data = value.tobytes()  # little-endian, as ONNX stores raw data
-        elif value is not None:
-            name = initializer.name
-            initializer.CopyFrom(value)
-            initializer.name = name
 
 
 def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -358,13 +302,16 @@ def _keep_source_value_info(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
     out.graph.value_info.extend(remaining)
 
 
-def infer_shapes(proto: onnx.ModelProto) -> dict[str, tuple[list[int | None], int]]:
+def infer_shapes(
+    proto: onnx.ModelProto, skeleton: onnx.ModelProto | None = None
+) -> dict[str, tuple[list[int | None], int]]:
     """Static shapes and element types of every tensor onnx can infer, subgraphs included.
 
     Runs on a skeleton of the model (large initializers replaced by typed graph inputs), so it works
-    for models over 2 GB and costs no copy of the weights.
+    for models over 2 GB and costs no copy of the weights. ``skeleton``: `io.skeleton(proto)` if the
+    caller has it already (the precondition check built one); shape inference does not change it.
     """
-    skeleton = io.skeleton(proto)
+    skeleton = io.skeleton(proto) if skeleton is None else skeleton
     # Data propagation materialises 1-D tensors as lists of dims: a Slice of ConstantOfShape([10^12]) made
     # it allocate until the machine ran out of memory. It runs only when a first pass without it shows
     # every 1-D tensor it would materialise to be short (`io.data_prop_is_bounded`).

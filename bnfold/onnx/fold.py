@@ -5,8 +5,8 @@ private constants, add the bias Add a MatMul needs, drop the folded chain and wh
 Each fold's edits run while planning (so that later decisions see earlier folds, see `plan.py`): on the
 API's own graph (in place), or on a scratch copy and then again on the real graph when the plan is
 applied. Every edit is deterministic (names from `unique`, values already computed), so a replay
-produces the same graph.
-Here too live the two ways a folded value is held (in memory, or in a spill file).
+produces the same graph. How a folded value is held (memory, spill file) is the `TensorStore`'s
+business (`storage.py`): `write_params` hands each value over and puts what it gets back in the graph.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from bnfold.affine import StandIn
 from bnfold.onnx.chain import display, is_graph_output
+from bnfold.onnx.storage import TensorStore, in_memory
 
 
 @dataclass
@@ -33,12 +32,12 @@ class GraphEdit:
     graph: gs.Graph
     names: set[str]
     modified: set[str] = field(default_factory=set)
-    spill: "Spill | None" = None  # where large folded weights go when they should not stay in memory
+    store: TensorStore | None = None  # holds the folded values (None: a check, values stay as computed)
     forget: Callable[[gs.Tensor], None] = lambda tensor: None
 
     def for_graph(self, graph: gs.Graph) -> "GraphEdit":
-        """The same edit (names, modified set, spill) on another graph of the model (a subgraph)."""
-        return GraphEdit(graph, self.names, self.modified, self.spill, self.forget)
+        """The same edit (names, modified set, store) on another graph of the model (a subgraph)."""
+        return GraphEdit(graph, self.names, self.modified, self.store, self.forget)
 
     def unique(self, base: str) -> str:
         name, k = base, 1
@@ -53,8 +52,8 @@ class GraphEdit:
 
         Highest input first, dropping what the replaced value was computed from: a dynamo export's conv bias
         `Expand(CastLike(0, x), Shape(W)[0])` reads W, and once it is gone W is private and keeps its name.
-        Each value is replaced in `params` by the way it is held (`_held_value`), so a second run of the
-        same edit (the real apply after the planning rehearsal) writes the same object, spilled once.
+        Each value is replaced in `params` by the way the store holds it (`TensorStore.hold`), so a second
+        run of the same edit (the real apply after the planning rehearsal) writes the same object, spilled once.
         """
         for index in sorted(params, reverse=True):
             old = node.inputs[index] if index < len(node.inputs) else None
@@ -62,14 +61,14 @@ class GraphEdit:
             private = isinstance(old, gs.Constant) and len(old.outputs) == 1
             if present and private:
                 assert isinstance(old, gs.Constant)
-                old.values = params[index] = _held_value(params[index], old.name, self.spill)
+                old.values = params[index] = self._held(params[index], old.name)
                 old.data_location = None  # the new value lives in memory (or the spill), not where the old one did
                 self.modified.add(old.name)
                 self.forget(old)
                 continue
             base = old.name if present and old.name else f"{display(node)}.{'bias' if index == 2 else 'param'}"
             new_name = self.unique(f"{base}_folded" if present else base)
-            params[index] = _held_value(params[index], new_name, self.spill)
+            params[index] = self._held(params[index], new_name)
             new = gs.Constant(new_name, params[index])
             while len(node.inputs) < index:
                 node.inputs.append(gs.Variable.empty())
@@ -81,6 +80,9 @@ class GraphEdit:
                 self.remove_dead([], [old])
         for key, value in attrs.items():
             node.attrs[key] = value
+
+    def _held(self, values: Any, name: str) -> Any:
+        return in_memory(values) if self.store is None else self.store.hold(values, name)
 
     def add_bias_after(self, node: gs.Node, bias: np.ndarray | None) -> None:
         """MatMul has no bias input: route its output through an Add of the folded bias (the tensor keeps its name)."""
@@ -127,47 +129,3 @@ class GraphEdit:
             producer.outputs.clear()
             dead.add(id(producer))
         graph.nodes = [n for n in graph.nodes if id(n) not in dead]
-
-
-class Spill:
-    """An append-only file of folded weights, so a model of any size folds in bounded memory.
-
-    Each weight is written as soon as it is folded and kept in the graph as a reference (absolute path,
-    offset, length); `bnfold.onnx.io.save_model` streams it into the output's data file.
-    """
-
-    MIN_BYTES = 1 << 16
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fh = open(path, "wb")
-
-    def add(self, values: np.ndarray, name: str) -> onnx.TensorProto:
-        proto = onnx.numpy_helper.from_array(values[:0].reshape(0), name)  # dtype only
-        del proto.dims[:]
-        proto.dims.extend(values.shape)
-        offset = self._fh.tell()
-        self._fh.write(np.ascontiguousarray(values).tobytes())
-        self._fh.flush()
-        proto.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path), ("offset", str(offset)), ("length", str(values.nbytes))):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, value
-        proto.ClearField("raw_data")
-        return proto
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def _held_value(values: np.ndarray, name: str, spill: Spill | None) -> np.ndarray | gs.ir.tensor.LazyValues:
-    """A folded value as the graph should hold it: in memory, or — with a spill file — on disk.
-
-    In memory it stays a numpy array until `api._unpark` writes its bytes into the output model once;
-    with a spill file, large values leave memory altogether. A value already held is returned as it is.
-    """
-    if isinstance(values, (gs.ir.tensor.LazyValues, StandIn)):  # a stand-in (check) stays one element
-        return values
-    if spill is not None and values.nbytes >= Spill.MIN_BYTES:
-        return gs.ir.tensor.LazyValues(spill.add(values, name))
-    return np.ascontiguousarray(values)  # large ones are written straight into the output (api._unpark)

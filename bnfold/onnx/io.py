@@ -1,8 +1,9 @@
-"""Reading and writing models without ever losing the user's files.
+"""Reading models safely, and committing written ones without ever losing the user's files.
 
-Loading turns every way a file can be wrong into one `InputError` line. Saving writes into a
-temporary folder beside the target and renames into place, so a failure leaves nothing half-written
-and the input is never overwritten unless the caller asked for it.
+Loading turns every way a file can be wrong into one `InputError` line. Writing (`bnfold.onnx.storage`)
+goes into a temporary folder beside the target; `commit` renames it into place, so a failure leaves
+nothing half-written, and the names settled here (`check_writable`, `data_file_name`) keep the input
+from being overwritten unless the caller asked for it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
@@ -38,12 +37,24 @@ def load_model_and_layout(
 
     ``load_data=False`` leaves external tensors where they are — in memory only a reference with an
     absolute location — so a model of any size costs next to no memory until a tensor is read
-    (`read_tensor`); `save_model` streams such tensors into the output's data file.
+    (`read_tensor`); `storage.save_model` streams such tensors into the output's data file.
 
     The file may be hostile (`bnfold check` runs in CI on proposed models): it is read only if it is a
     regular file within protobuf's size limit (`files.read_model_bytes`); every tensor's data must match
     its dims; external data is read only from regular files inside the model's folder
     (`external_data_files`), all of it checked before any byte of it is read.
+    """
+    model, external, _ = load_checked(path, check=check, load_data=load_data)
+    return model, external
+
+
+def load_checked(
+    path: str | os.PathLike[str], *, check: bool = True, load_data: bool = True
+) -> tuple[onnx.ModelProto, bool, onnx.ModelProto | None]:
+    """`load_model_and_layout`, plus the skeleton the checker ran on (None where it checked by path).
+
+    The pass hands that skeleton on to shape inference (`api.infer_shapes`): building it walks every
+    node, which on a 10 MB model costs as much as a tenth of reading the file.
     """
     p = Path(path)
     model = _parse(p)
@@ -62,8 +73,8 @@ def load_model_and_layout(
         except Exception as exc:  # the checker's own loader on a file it dislikes
             raise InputError(f"{p}: fails the ONNX checker: {_short(exc)}") from None
     elif check:  # the weights are plain bytes here; checking the structure needs no copy of them
-        check_model(model, what=str(p))
-    return model, external
+        return model, external, check_model(model, what=str(p))
+    return model, external, None
 
 
 def check_external_data(path: str | os.PathLike[str]) -> None:
@@ -87,14 +98,14 @@ def _parse(p: Path) -> onnx.ModelProto:
         raise InputError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
 
 
-def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> None:
+def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> onnx.ModelProto:
     """`onnx.checker` as a precondition/postcondition, turned into one `InputError` line.
 
     The checker runs on the model's skeleton (weights replaced by typed inputs): what can go wrong in
     a graph is in its structure and types, the weights were already parsed by protobuf, and the
     skeleton checks in milliseconds at any size (over 2 GB protobuf would not even serialise the model
     for the checker). Files are also checked whole, by path, when read with external data and when
-    written with it.
+    written with it. Returns the skeleton (the checker does not change it), for reuse.
     """
     model = skeleton(model)
     try:
@@ -103,6 +114,7 @@ def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = Fal
         raise InputError(f"{what}: fails the ONNX checker: {_short(exc)}") from None
     except onnx.shape_inference.InferenceError as exc:
         raise InputError(f"{what}: fails ONNX shape inference: {_short(exc)}") from None
+    return model
 
 
 DATA_PROP_MAX_ELEMENTS = 1 << 16
@@ -152,9 +164,15 @@ def model_size(model: onnx.ModelProto) -> int:
 
     ``ByteSize()`` is a full encode in protobuf's upb backend; the tensors' raw bytes dominate any model
     large enough to matter, so they are summed first and the exact size is asked for only near 2 GB.
-    Protobuf refuses to count past 2 GB at all: that case answers "over the limit".
+    Each tensor's bytes are counted from its dims and type (`tensor_bytes`): ``len(t.raw_data)`` would
+    copy every tensor's bytes out of protobuf. Protobuf refuses to count past 2 GB at all: that case
+    answers "over the limit".
     """
-    raw = sum(len(t.raw_data) for t in onnx.external_data_helper._get_all_tensors(model))
+    raw = 0
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.HasField("raw_data"):
+            size = tensor_bytes(t)
+            raw += size if size is not None else len(t.raw_data)
     if raw < PROTOBUF_LIMIT // 2:
         return raw
     try:
@@ -499,69 +517,7 @@ def _written_by_bnfold(path: Path) -> bool:
         return False
 
 
-def save_model(
-    model: onnx.ModelProto,
-    path: str | os.PathLike[str],
-    *,
-    external_data: bool | None = None,
-    overwrite_ok: bool = True,
-    keep_data: bool = True,
-    before_commit: Callable[[str], None] | None = None,
-    pending: dict[str, np.ndarray] | None = None,
-    protect: Collection[str] = (),
-    force: bool = False,
-) -> list[Path]:
-    """Write atomically: into a temporary folder next to `path`, then rename into place (`_commit`).
-
-    ``external_data=None`` keeps tensors inline unless the model is over 2 GB; ``True`` writes them to a
-    data file beside the model (`data_file_name`). Writing external data empties the tensors of `model`;
-    with ``keep_data`` (the default) they are read back so the caller's model stays whole. Tensors that
-    are references to another file (`load_model_and_layout(load_data=False)`) are streamed into the new
-    data file. ``pending`` holds the values of data-less stand-in initializers (see `api.fold_file`),
-    written straight from numpy. ``before_commit(tmp_path)`` runs on the written files before they are
-    renamed into place (the fold command verifies there): if it raises, nothing is written.
-    ``protect``: resolved paths of files the input model reads, never overwritten without ``force``.
-    The temporary folder (`files.TEMP_PREFIX`) is removed on SIGTERM/SIGHUP/SIGINT too.
-    Returns the paths written (model last).
-    """
-    target = check_writable(path, overwrite_ok=overwrite_ok)
-    parent = target.parent
-    pending = pending or {}
-    too_big = model_size(model) + sum(a.nbytes for a in pending.values()) > PROTOBUF_LIMIT
-    if external_data is None:
-        external_data = too_big
-    elif not external_data and too_big:
-        raise OutputError(f"{target}: the model is over 2 GB and cannot be written inline; use external data")
-    old_refs = referenced_data(target)
-    data_name = data_file_name(target, protect=protect, force=force, old_refs=old_refs) if external_data else None
-    mode = files.output_mode(target)
-    with files.removing_temps_on_signals():
-        try:
-            tmpdir = tempfile.mkdtemp(prefix=files.TEMP_PREFIX, dir=parent)
-        except OSError as exc:
-            raise OutputError(f"{parent}: cannot write there ({_short(exc)})") from None
-        try:
-            tmp_model = os.path.join(tmpdir, target.name)
-            try:
-                if data_name is not None:
-                    _write_with_external_data(model, tmp_model, data_name, keep_data=keep_data, before=before_commit, pending=pending)
-                else:
-                    _materialize(model)
-                    if pending:
-                        _write_streaming(model, tmp_model, pending)
-                    else:
-                        _write_serialized(model, tmp_model)
-                    if before_commit is not None:
-                        before_commit(tmp_model)
-            except (OSError, ValueError) as exc:
-                raise OutputError(f"{target}: cannot write ({_short(exc)})") from None
-            tmp_data = os.path.join(tmpdir, data_name) if data_name is not None else None
-            return _commit(tmp_model, tmp_data, target, mode, old_refs, protect)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _commit(
+def commit(
     tmp_model: str, tmp_data: str | None, target: Path, mode: int, old_refs: set[str], protect: Collection[str]
 ) -> list[Path]:
     """Move the new model (and its data file) into place so that a crash at any point leaves a whole pair.
@@ -615,183 +571,6 @@ def _fsync(path: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
-
-
-COPY_CHUNK = 64 << 20
-
-
-def _write_with_external_data(
-    model: onnx.ModelProto,
-    tmp_model: str,
-    data_name: str,
-    *,
-    keep_data: bool,
-    before: Callable[[str], None] | None,
-    pending: dict[str, np.ndarray] | None = None,
-) -> None:
-    """Tensors of 1 KiB or more go to `data_name` beside `tmp_model`; the model itself is left as it was.
-
-    In-memory tensors are written and emptied; referenced ones are copied over in chunks, so peak memory
-    stays at one chunk whatever the model's size. Afterwards every tensor gets its old content back.
-    """
-    ext = onnx.external_data_helper
-    restore: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, int, int, bool]] = []
-    data_path = os.path.join(os.path.dirname(tmp_model), data_name)
-    with open(data_path, "wb") as out:
-        out.write(DATA_MAGIC)  # tensors are page-aligned, so they start at 4096 all the same
-        for tensor in ext._get_all_tensors(model):
-            if pending and _is_stand_in(tensor, pending):
-                offset = _align(out)
-                out.write(memoryview(np.ascontiguousarray(pending[tensor.name])).cast("B"))
-                _point_to(tensor, data_name, offset, out.tell() - offset)
-                restore.append((tensor, None, offset, out.tell() - offset, False))
-            elif ext.uses_external_data(tensor):
-                info = ext.ExternalDataInfo(tensor)
-                offset = _align(out)
-                with open(info.location, "rb") as src:
-                    src.seek(info.offset or 0)
-                    remaining = (info.length if info.length is not None  # 0 is a length (an empty tensor)
-                                 else os.path.getsize(info.location) - (info.offset or 0))
-                    while remaining > 0:
-                        chunk = src.read(min(COPY_CHUNK, remaining))
-                        if not chunk:
-                            raise OSError(f"{info.location}: shorter than its tensors say")
-                        out.write(chunk)
-                        remaining -= len(chunk)
-                old = [(e.key, e.value) for e in tensor.external_data]
-                _point_to(tensor, data_name, offset, out.tell() - offset)
-                restore.append((tensor, old, offset, out.tell() - offset, True))
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
-                had_location = tensor.HasField("data_location")
-                offset = _align(out)
-                out.write(tensor.raw_data)
-                tensor.ClearField("raw_data")
-                _point_to(tensor, data_name, offset, out.tell() - offset)
-                restore.append((tensor, None, offset, out.tell() - offset, had_location))
-    try:
-        _write_serialized(model, tmp_model)
-        try:  # postcondition, by path: works at any size
-            onnx.checker.check_model(tmp_model)
-        except onnx.checker.ValidationError as exc:
-            raise OutputError(f"the written model fails the ONNX checker: {_short(exc)}") from None
-        if before is not None:
-            before(tmp_model)
-    finally:
-        with open(data_path, "rb") as data:
-            for tensor, old, offset, length, had_location in restore:
-                if old is not None:  # a reference to another file: point it there again
-                    del tensor.external_data[:]
-                    for key, value in old:
-                        entry = tensor.external_data.add()
-                        entry.key, entry.value = key, value
-                elif keep_data:  # an in-memory tensor: read it back
-                    del tensor.external_data[:]
-                    tensor.ClearField("data_location")
-                    if had_location:
-                        tensor.data_location = onnx.TensorProto.DEFAULT
-                    data.seek(offset)
-                    tensor.raw_data = data.read(length)
-
-
-def _materialize(model: onnx.ModelProto) -> None:
-    """Read every tensor that refers to another file into the model, for an inline write."""
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if onnx.external_data_helper.uses_external_data(tensor):
-            data = read_tensor(tensor)
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            tensor.raw_data = np.ascontiguousarray(data).tobytes()
-
-
-def _is_stand_in(tensor: onnx.TensorProto, pending: dict[str, np.ndarray]) -> bool:
-    """A data-less initializer whose value waits in `pending`."""
-    return (
-        tensor.name in pending
-        and not tensor.HasField("raw_data")
-        and not onnx.external_data_helper.uses_external_data(tensor)
-    )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _split_fields(message, number: int, cls):
-    """Two new messages of type `cls`: the fields of `message` numbered below and above `number`."""
-    low, high = cls(), cls()
-    copy_fields(message, low, where=lambda f: f.number < number)
-    copy_fields(message, high, where=lambda f: f.number > number)
-    return low, high
-
-
-# Protobuf tags (field number << 3 | length-delimited) of the fields the streaming writer emits itself.
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
-
-
-def _tag(number: int) -> bytes:
-    return _varint(number << 3 | 2)
-
-
-def _write_streaming(model: onnx.ModelProto, path: str, pending: dict[str, np.ndarray]) -> None:
-    """Serialise `model` with its stand-ins' values written straight from numpy.
-
-    Emits the same bytes as `SerializeToString` would for the model with those values filled in
-    (fields in field-number order, the graph and each pending tensor's raw data spliced in at their
-    place), without ever holding a second copy of the weights. A test compares the two byte for byte.
-    """
-    pre, post = _split_fields(model, _MODEL_GRAPH, onnx.ModelProto)
-    gpre, gpost = _split_fields(model.graph, _GRAPH_INITIALIZER, onnx.GraphProto)
-    pieces: list[bytes | memoryview] = []
-    for tensor in model.graph.initializer:
-        if _is_stand_in(tensor, pending):
-            head, tail = _split_fields(tensor, _TENSOR_RAW_DATA, onnx.TensorProto)
-            data = memoryview(np.ascontiguousarray(pending[tensor.name])).cast("B")
-            head_b, tail_b = head.SerializeToString(), tail.SerializeToString()
-            raw = _tag(_TENSOR_RAW_DATA) + _varint(len(data))
-            body = len(head_b) + len(raw) + len(data) + len(tail_b)
-            pieces += [_tag(_GRAPH_INITIALIZER) + _varint(body), head_b, raw, data, tail_b]
-        else:
-            tb = tensor.SerializeToString()
-            pieces += [_tag(_GRAPH_INITIALIZER) + _varint(len(tb)), tb]
-    gpre_b, gpost_b = gpre.SerializeToString(), gpost.SerializeToString()
-    graph_len = len(gpre_b) + sum(len(p) for p in pieces) + len(gpost_b)
-    with open(path, "wb") as fh:
-        fh.write(pre.SerializeToString())
-        fh.write(_tag(_MODEL_GRAPH) + _varint(graph_len))
-        fh.write(gpre_b)
-        for piece in pieces:
-            fh.write(piece)
-        fh.write(gpost_b)
-        fh.write(post.SerializeToString())
-
-
-def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-
-
-def _align(fh, to: int = 4096) -> int:
-    """Start each tensor on a page boundary (onnxruntime can then map it)."""
-    pos = fh.tell()
-    pad = (-pos) % to
-    if pad:
-        fh.write(b"\0" * pad)
-    return pos + pad
-
-
-def _write_serialized(model: onnx.ModelProto, path: str) -> None:
-    with open(path, "wb") as fh:
-        fh.write(model.SerializeToString())
 
 
 def _short(exc: BaseException) -> str:

@@ -35,10 +35,11 @@ import onnx_graphsurgeon as gs
 
 from bnfold.onnx.chain import AffineStep, display
 from bnfold.onnx.constants import ConstantResolver
-from bnfold.onnx.fold import GraphEdit, Spill
+from bnfold.onnx.fold import GraphEdit
 from bnfold.onnx.rules.base import Chain, Fold, Later, PlanContext, Refusal, Rule
 from bnfold.onnx.rules.registry import rules
 from bnfold.onnx.scratch import ScratchCopy
+from bnfold.onnx.storage import TensorStore
 from bnfold.report import Candidate, Reason, SkipReason, Status
 
 
@@ -70,7 +71,7 @@ def plan_model(
     resolver: ConstantResolver,
     shapes: dict[str, tuple[list[int | None], int]],
     names: set[str],
-    spill: Spill | None = None,
+    store: TensorStore | None = None,
     *,
     in_place: bool = False,
     dry_run: bool = False,
@@ -78,8 +79,8 @@ def plan_model(
     """Plan the main graph (and its subgraphs), then each local function.
 
     ``names``: the names in use (the rehearsal takes new ones from a copy, the apply from this set, in
-    the same order). ``spill``: large folded values are written there as they are planned, so a fold of
-    a model with external data holds none of them in memory; without it (check) they stay in the plan.
+    the same order). ``store``: holds folded values as they are planned (a spilling one keeps a fold of
+    a model with external data from holding them in memory); without it (check) they stay in the plan.
     ``in_place``: rehearse on `graph` itself (see the module docstring): the folds are made as they are
     planned, `names` is taken from directly, and `apply_plan` only marks them FOLDED. Otherwise `graph`
     is left as it was. ``dry_run``: the plan is for a check and will not be applied, so a rule may
@@ -96,7 +97,7 @@ def plan_model(
             scratches.append(scratch)
         params_before = _count_params(work)
         ctx = PlanContext(work, resolver, shapes, dry_run=dry_run)
-        edit = GraphEdit(work, rehearsal, modified=plan.modified, spill=spill, forget=resolver.forget)
+        edit = GraphEdit(work, rehearsal, modified=plan.modified, store=store, forget=resolver.forget)
         first = len(plan.folds)
         _plan_graph(ctx, edit, plan, path)
         if scratch is not None:

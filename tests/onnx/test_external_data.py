@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from bnfold import fold_onnx
 from bnfold.cli import main
-from bnfold.onnx.io import has_external_data, load_model_and_layout, save_model
+from bnfold.onnx.io import has_external_data, load_model_and_layout
+from bnfold.onnx.storage import save_model
 from tests.onnx.helpers import assert_equivalent, conv_bn_relu
 
 

@@ -10,24 +10,25 @@ import pytest
 
 import bnfold.onnx.api as api
 from bnfold.errors import VerificationError
-from bnfold.onnx import io
+from bnfold.onnx import storage
 from tests.onnx.helpers import assert_equivalent, conv_bn_relu
 
 
 @pytest.fixture
 def small_park(monkeypatch):
     """Park every constant, however small, so the streaming path runs on tiny test models."""
-    monkeypatch.setattr(api, "PARK_BYTES", 0)
+    monkeypatch.setattr(storage, "PARK_BYTES", 0)
 
 
 def test_streamed_bytes_equal_the_materialised_model(tmp_path: Path, small_park) -> None:
     m = conv_bn_relu(np.random.default_rng(0))
     m.doc_string = "kept"
-    pending: dict[str, np.ndarray] = {}
-    stand_ins, _ = api._fold_model(m, api.FoldOptions(pending=pending))
+    store = storage.TensorStore(pending=True)
+    stand_ins, _ = api._fold_model(m, api.FoldOptions(store=store))
+    pending = store.pending
     assert pending and all(not t.HasField("raw_data") for t in stand_ins.graph.initializer if t.name in pending)
     materialised, _ = api.fold_onnx(m)
-    io._write_streaming(stand_ins, str(tmp_path / "s.onnx"), pending)
+    storage._write_streaming(stand_ins, str(tmp_path / "s.onnx"), pending)
     assert (tmp_path / "s.onnx").read_bytes() == materialised.SerializeToString()
 
 

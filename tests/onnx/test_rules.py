@@ -192,7 +192,7 @@ def test_check_writes_no_file_of_any_kind(tmp_path: Path, monkeypatch) -> None:
         raise AssertionError("check must stop at the plan")
 
     monkeypatch.setattr(builtins, "open", read_only_open)
-    monkeypatch.setattr(api, "Spill", forbidden)
+    monkeypatch.setattr(api, "TensorStore", forbidden)
     monkeypatch.setattr(api.gs, "export_onnx", forbidden)
     monkeypatch.setattr(api, "_postcondition", forbidden)
     before = sorted(os.listdir(p.parent))
