@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -27,6 +27,9 @@ from bnfold.onnx.fold import GraphEdit
 from bnfold.onnx.plan import Plan, apply_plan, plan_model
 from bnfold.onnx.storage import TensorStore
 from bnfold.report import FoldReport
+
+if TYPE_CHECKING:  # verify imports onnxruntime: only where a fold is verified
+    from bnfold.verify import VerifyOptions
 
 
 @dataclass(frozen=True)

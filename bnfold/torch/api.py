@@ -19,7 +19,7 @@ from bnfold.affine import FoldOverflowError
 from bnfold.errors import UsageError, VerificationError
 from bnfold.report import Candidate, FoldReport, Reason, SkipReason, Status
 from bnfold.torch import apply, graph as graphs
-from bnfold.torch.checking import _run, example_args, measure_before, verify_fold
+from bnfold.torch.checking import example_args, measure_before, verify_fold
 from bnfold.torch.kinds import ModuleInfo, recognise
 from bnfold.torch.pairs import Pairing, find_pairs
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from bnfold import affine as A
@@ -144,18 +145,7 @@ class ReparamBranches(Rule):
 
     def plan(self, chain: Chain, site: Site, ctx: PlanContext) -> Fold:
         assert isinstance(site, BranchSite)
-        params = [weights(conv, ctx) for conv in site.convs]
-        groups = {int(conv.attrs.get("group", 1)) for conv in site.convs}
-        if len(groups) != 1:
-            refuse(Reason.SHAPE_MISMATCH, f"branch convs {_names(site.convs)} have different groups {sorted(groups)}: they cannot merge")
-        g = groups.pop()
-        for conv, (w, _) in zip(site.convs, params):
-            _refuse_geometry(conv, w)
-        shapes = {(w.shape[0], w.shape[1]) for w, _ in params}
-        dtypes = {w.dtype for w, _ in params}
-        if len(shapes) != 1 or len(dtypes) != 1 or len({w.ndim for w, _ in params}) != 1:
-            refuse(Reason.SHAPE_MISMATCH, f"branch convs {_names(site.convs)} differ in channels, rank or dtype: they cannot merge")
-        c_out, in_per_group = shapes.pop()
+        params, g, c_out, in_per_group = mergeable_branches(site.convs, ctx)
         if g * in_per_group != c_out:
             refuse(
                 Reason.SHAPE_MISMATCH,
@@ -283,6 +273,27 @@ def _kernel_volume(conv: gs.Node, ctx: PlanContext) -> int:
 def _dilations(conv: gs.Node, n: int) -> list[int]:
     return [int(d) for d in conv.attrs.get("dilations", [1] * n)]
 
+
+
+def mergeable_branches(
+    convs: list[gs.Node], ctx: PlanContext
+) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], int, int, int]:
+    """The branch convs' (weight, bias), and their shared groups, C_out and C_in/groups — or a refusal.
+
+    Convs merge into one only with the same groups, channels, rank and dtype, each with a centred
+    kernel (`_refuse_geometry`): shared by `reparam` and `reparam_sum`.
+    """
+    params = [weights(conv, ctx) for conv in convs]
+    groups = {int(conv.attrs.get("group", 1)) for conv in convs}
+    if len(groups) != 1:
+        refuse(Reason.SHAPE_MISMATCH, f"branch convs {_names(convs)} have different groups {sorted(groups)}: they cannot merge")
+    for conv, (w, _) in zip(convs, params):
+        _refuse_geometry(conv, w)
+    shapes = {(w.shape[0], w.shape[1]) for w, _ in params}
+    if len(shapes) != 1 or len({w.dtype for w, _ in params}) != 1 or len({w.ndim for w, _ in params}) != 1:
+        refuse(Reason.SHAPE_MISMATCH, f"branch convs {_names(convs)} differ in channels, rank or dtype: they cannot merge")
+    c_out, in_per_group = shapes.pop()
+    return params, groups.pop(), c_out, in_per_group
 
 def _refuse_geometry(conv: gs.Node, w) -> None:
     """Stride 1, odd kernel, pads ``d·(k−1)/2`` on both sides: output position p reads x[p] at the centre tap."""

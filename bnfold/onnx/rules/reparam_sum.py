@@ -31,16 +31,15 @@ import onnx_graphsurgeon as gs
 from bnfold import affine as A
 from bnfold.onnx.chain import display
 from bnfold.onnx.fold import GraphEdit
-from bnfold.onnx.rules.base import INTO_PRODUCER, Chain, Fold, LayerPlan, PlanContext, Rule, Site, fit, refuse, rounded, weights
+from bnfold.onnx.rules.base import INTO_PRODUCER, Chain, Fold, LayerPlan, PlanContext, Rule, Site, fit, refuse, rounded
 from bnfold.onnx.rules.reparam import (
     _conv_on,
     _is_add,
     _kernel_volume,
-    _names,
-    _refuse_geometry,
     _refuse_shared,
     _shared_dilations,
     _wait_for_branch_fold,
+    mergeable_branches,
 )
 from bnfold.report import Reason
 
@@ -92,17 +91,7 @@ class ReparamSum(Rule):
 
     def plan(self, chain: Chain, site: Site, ctx: PlanContext) -> Fold:
         assert isinstance(site, SumSite)
-        params = [weights(conv, ctx) for conv in site.convs]
-        groups = {int(conv.attrs.get("group", 1)) for conv in site.convs}
-        if len(groups) != 1:
-            refuse(Reason.SHAPE_MISMATCH, f"branch convs {_names(site.convs)} have different groups {sorted(groups)}: they cannot merge")
-        g = groups.pop()
-        for conv, (w, _) in zip(site.convs, params):
-            _refuse_geometry(conv, w)
-        shapes = {(w.shape[0], w.shape[1]) for w, _ in params}
-        if len(shapes) != 1 or len({w.dtype for w, _ in params}) != 1 or len({w.ndim for w, _ in params}) != 1:
-            refuse(Reason.SHAPE_MISMATCH, f"branch convs {_names(site.convs)} differ in channels, rank or dtype: they cannot merge")
-        c_out, in_per_group = shapes.pop()
+        params, g, c_out, in_per_group = mergeable_branches(site.convs, ctx)
         if site.identity and g * in_per_group != c_out:
             refuse(Reason.SHAPE_MISMATCH, f"Conv '{display(site.target)}' maps {g * in_per_group} channels to {c_out}: "
                    "the bare input in the sum needs C_in = C_out")

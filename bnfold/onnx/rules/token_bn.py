@@ -41,7 +41,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bnfold import affine as A
-from bnfold.affine import Affine
 from bnfold.onnx.chain import display
 from bnfold.onnx.fold import GraphEdit
 from bnfold.onnx.rules.base import (
