@@ -30,7 +30,7 @@ from bnfold.errors import EXIT_USAGE, InputError, OutputError
 from bnfold.onnx import io
 from bnfold.onnx.api import fold_file
 from tests.onnx.helpers import bn_inits, conv_bn_relu, init
-from tests.onnx.helpers import legacy_bn_node as bn_node, legacy_model as model
+from tests.onnx.helpers import bn_node, unchecked_model
 
 SECRET = b"TOKEN=hunter2-do-not-leak\n"
 
@@ -526,13 +526,13 @@ def cos_model(shape_nodes: list, shape_name: str, extra_inits: list, c: int = 4)
         helper.make_node("ConstantOfShape", [shape_name], ["big"], value=_value("v", TensorProto.FLOAT, 0.5)),
         helper.make_node("Slice", ["big", "st", "en"], ["cb"]),
         helper.make_node("Conv", ["input", "conv.w", "cb"], ["c"], name="conv"),
-        bn_node("bn", "c", "output"),
+        bn_node("c", "output", "bn"),
     ]
     inits = extra_inits + [
         init("st", np.array([0], np.int64)), init("en", np.array([c], np.int64)),
         init("conv.w", rng.standard_normal((c, 3, 3, 3)).astype(np.float32)), *bn_inits("bn", c, rng),
     ]
-    return model(nodes, [("input", [1, 3, 6, 6])], [("output", [1, c, 4, 4])], inits)
+    return unchecked_model(nodes, [("input", [1, 3, 6, 6])], [("output", [1, c, 4, 4])], inits)
 
 
 def slice_of_declared_input() -> onnx.ModelProto:
@@ -542,7 +542,7 @@ def slice_of_declared_input() -> onnx.ModelProto:
         helper.make_node("Slice", ["ids", "st", "en"], ["four"]),
         helper.make_node("Cast", ["four"], ["cb"], to=TensorProto.FLOAT),
         helper.make_node("Conv", ["input", "conv.w", "cb"], ["c"], name="conv"),
-        bn_node("bn", "c", "output"),
+        bn_node("c", "output", "bn"),
     ]
     inits = [init("st", np.array([0], np.int64)), init("en", np.array([4], np.int64)),
              init("conv.w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)), *bn_inits("bn", 4, rng)]
@@ -559,8 +559,8 @@ def matmul_chain(n: int = 4096, k: int = 30) -> onnx.ModelProto:
     for i in range(k):
         nodes.append(helper.make_node("ConstantOfShape", ["shp"], [f"m{i}"], value=fill))
         nodes.append(helper.make_node("MatMul", [f"w{i}", f"m{i}"], [f"w{i + 1}"]))
-    nodes += [helper.make_node("MatMul", ["input", f"w{k}"], ["mm"]), bn_node("bn", "mm", "output")]
-    return model(nodes, [("input", [2, n])], [("output", [2, n])],
+    nodes += [helper.make_node("MatMul", ["input", f"w{k}"], ["mm"]), bn_node("mm", "output", "bn")]
+    return unchecked_model(nodes, [("input", [2, n])], [("output", [2, n])],
                  [init("shp", np.array([n, n], np.int64)), *bn_inits("bn", n, np.random.default_rng(0))])
 
 
@@ -711,7 +711,7 @@ def test_data_propagation_still_runs_on_ordinary_shape_arithmetic() -> None:
         helper.make_node("Reshape", ["input", "target"], ["output"]),
     ]
     inits = [init("zero", np.array(0, np.int64)), init("axes", np.array([0], np.int64)), init("minus1", np.array([-1], np.int64))]
-    m = model(nodes, [("input", [2, 3, 4])], [("output", None)], inits)
+    m = unchecked_model(nodes, [("input", [2, 3, 4])], [("output", None)], inits)
     plain = onnx.shape_inference.infer_shapes(m, data_prop=False)
     assert io.data_prop_is_bounded(plain)
     from bnfold.onnx.api import infer_shapes

@@ -161,15 +161,7 @@ def conv_bn_relu(rng: np.random.Generator, c_in: int = 3, c_out: int = 4, hw: in
     return make_model(nodes, [("input", [1, c_in, hw, hw], F32)], [("output", F32)], inits)
 
 
-# The call shapes of the former tests/builders.py, kept for test files that other branches are editing
-# now (they import these under the old names: `legacy_bn_node as bn_node`, `legacy_model as model`).
-# New tests use bn_node and make_model.
-def legacy_bn_node(name: str, x: str, y: str, prefix: str | None = None, **attrs) -> onnx.NodeProto:
-    """bn_node with the node's name first: `legacy_bn_node("bn", x, y)` is `bn_node(x, y, "bn")`."""
-    return bn_node(x, y, prefix or name, name=name, **attrs)
-
-
-def legacy_model(
+def unchecked_model(
     nodes,
     inputs: list[tuple[str, list]],
     outputs: list[tuple[str, list | None]],
@@ -180,7 +172,8 @@ def legacy_model(
     elem=TensorProto.FLOAT,
     functions=(),
 ) -> onnx.ModelProto:
-    """make_model(check=False) with one element type for every input and output, given as (name, shape)."""
+    """make_model(check=False) with one element type for every input and output, given as (name, shape):
+    for graphs the strict checker refuses on purpose (hostile shapes, outputs of unknown shape)."""
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     return make_model(
         nodes,

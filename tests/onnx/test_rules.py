@@ -25,15 +25,15 @@ from bnfold.onnx.rules.registry import rules
 from bnfold.report import HINTS, Reason, Status
 from sample_models import zoo
 from tests.onnx.helpers import assert_equivalent, bn_inits, conv_bn_relu, init
-from tests.onnx.helpers import legacy_bn_node as bn_node, legacy_model as model
+from tests.onnx.helpers import bn_node, unchecked_model
 
 
 def bn_conv_bn_head(rng: np.random.Generator) -> onnx.ModelProto:
     """BN → unpadded Conv → BN → Flatten → Gemm: the second fold reads the weights the first one wrote."""
     nodes = [
-        bn_node("bn0", "input", "a"),
+        bn_node("input", "a", "bn0"),
         helper.make_node("Conv", ["a", "conv.w", "conv.b"], ["c"], name="conv"),
-        bn_node("bn1", "c", "y"),
+        bn_node("c", "y", "bn1"),
         helper.make_node("Flatten", ["y"], ["f"], name="flatten", axis=1),
         helper.make_node("Gemm", ["f", "W", "C"], ["output"], name="fc", transB=1),
     ]
@@ -45,17 +45,17 @@ def bn_conv_bn_head(rng: np.random.Generator) -> onnx.ModelProto:
         *bn_inits("bn0", 4, rng),
         *bn_inits("bn1", 6, rng),
     ]
-    return model(nodes, [("input", [2, 4, 3, 3])], [("output", [2, 5])], inits)
+    return unchecked_model(nodes, [("input", [2, 4, 3, 3])], [("output", [2, 5])], inits)
 
 
 def bn_flatten_gemm(rng: np.random.Generator) -> onnx.ModelProto:
     nodes = [
-        bn_node("bn", "input", "y"),
+        bn_node("input", "y", "bn"),
         helper.make_node("Flatten", ["y"], ["f"], name="flatten", axis=1),
         helper.make_node("Gemm", ["f", "W"], ["output"], name="fc", transB=1),
     ]
     inits = [init("W", rng.standard_normal((5, 12)).astype(np.float32)), *bn_inits("bn", 3, rng)]
-    return model(nodes, [("input", [2, 3, 2, 2])], [("output", [2, 5])], inits)
+    return unchecked_model(nodes, [("input", [2, 3, 2, 2])], [("output", [2, 5])], inits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_a_refusal_does_not_stop_a_later_rule(with_refuser) -> None:
 
 def test_a_refusal_replaces_no_linear_neighbour(with_refuser) -> None:
     rng = np.random.default_rng(5)
-    m = model([bn_node("bn", "input", "output")], [("input", [1, 3, 2, 2])], [("output", [1, 3, 2, 2])], bn_inits("bn", 3, rng))
+    m = unchecked_model([bn_node("input", "output", "bn")], [("input", [1, 3, 2, 2])], [("output", [1, 3, 2, 2])], bn_inits("bn", 3, rng))
     (cand,) = check_onnx(m).candidates
     assert [(r.code, r.message) for r in cand.reasons] == [(Reason.UNSUPPORTED, "test rule saw bn")]
 
