@@ -27,6 +27,7 @@ block) returns a `Site` subclass naming them, one `LayerPlan` per layer, and ove
 from __future__ import annotations
 
 from contextlib import contextmanager
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Iterator, NoReturn
 
@@ -179,8 +180,11 @@ class Fold:
         return sum(layer.flushed for layer in self.layers)
 
 
-class Rule:
+class Rule(ABC):
     """One foldable pattern. Subclass, set the class attributes, implement match/plan/apply.
+
+    A rule that only explains (its `match` refuses or returns None, never a site) needs no plan/apply:
+    the pass calls them only for a site `match` returned.
 
     ``name``: stable, shown in the report and JSON (``conv``, ``flatten-head``); with ``direction`` it
     identifies the rule. ``priority``: the registry tries rules in ascending order and takes the first
@@ -191,17 +195,17 @@ class Rule:
     direction: ClassVar[str]
     priority: ClassVar[int]
 
+    @abstractmethod
     def match(self, chain: Chain, ctx: PlanContext) -> Site | None:
         """The nodes this pattern covers around `chain`, or None when the pattern is not there.
 
         Structure only (ops, domains, single readers, graph outputs); raise with `refuse` when the
         pattern is there but cannot fold.
         """
-        raise NotImplementedError
 
     def plan(self, chain: Chain, site: Site, ctx: PlanContext) -> Fold:
         """Every new value for the layers of `site`, in float64 rounded once; may refuse; writes nothing."""
-        raise NotImplementedError
+        raise TypeError(f"{self!r} returned a site from match but defines no plan")
 
     def worthwhile(self, fold: Fold) -> bool:
         """False: the fold would gain nothing, so the chain is left as it is and not reported."""
@@ -213,7 +217,7 @@ class Rule:
         Runs while planning (in place, or on a scratch copy that is later replayed on the real graph),
         so it must be deterministic and refer only to nodes and tensors that existed before planning.
         """
-        raise NotImplementedError
+        raise TypeError(f"{self!r} planned a fold but defines no apply")
 
     def __repr__(self) -> str:
         return f"<rule {self.name} ({self.direction})>"
@@ -243,9 +247,9 @@ class IntoProducer(Rule):
     def plan(self, chain: Chain, site: Site, ctx: PlanContext) -> Fold:
         return Fold(self, chain, site, [self.values(site.target, chain.affine, ctx)])
 
+    @abstractmethod
     def values(self, node: gs.Node, affine: Affine, ctx: PlanContext) -> LayerPlan:
         """The layer's new parameters with `affine` applied to its output channels (the per-op math)."""
-        raise NotImplementedError
 
     def apply(self, fold: Fold, edit: GraphEdit) -> None:
         layer, chain = fold.layers[0], fold.chain
@@ -272,9 +276,9 @@ class IntoConsumer(Rule):
     def plan(self, chain: Chain, site: Site, ctx: PlanContext) -> Fold:
         return Fold(self, chain, site, [self.values(site.target, repeated(chain.affine, site.repeat), ctx)])
 
+    @abstractmethod
     def values(self, node: gs.Node, affine: Affine, ctx: PlanContext) -> LayerPlan:
         """The layer's new parameters with `affine` applied to its input channels (the per-op math)."""
-        raise NotImplementedError
 
     def apply(self, fold: Fold, edit: GraphEdit) -> None:
         layer, chain = fold.layers[0], fold.chain
