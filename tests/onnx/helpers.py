@@ -503,3 +503,48 @@ def fold_and_verify(
     if compare:
         assert_equivalent(m, out, rng, backend=backend, reference=reference, rel=rel)
     return out, report
+
+
+# ---------------------------------------------------------------------------------------------
+# torch-built blocks (torch imported by the caller's test, which skips without it)
+# ---------------------------------------------------------------------------------------------
+def folds_from_every_exporter(net, x, tmp_path, *, gone: tuple[str, ...] = ("BatchNormalization",)) -> None:
+    """Give `net`'s BatchNorms trained-like statistics, export it with TorchScript, dynamo and dynamo
+    `optimize=False` (where onnxscript is there), and assert each export folds completely: no BatchNorm
+    left, none of the `gone` ops, a valid model, and torch's own outputs within 1e-5 of scale."""
+    import warnings
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.randn(c, generator=g) + 0.3)
+                mod.running_var.copy_(torch.exp(torch.empty(c).uniform_(np.log(1e-4), np.log(10.0), generator=g)))
+                mod.weight.copy_(torch.randn(c, generator=g) * 0.8)
+                mod.bias.copy_(torch.randn(c, generator=g) * 0.5)
+    net.eval()
+    x = x if x is not None else torch.randn(2, 3, 9, 9, generator=g)
+    exports = [dict(dynamo=False, do_constant_folding=False, opset_version=17)]
+    try:
+        import onnxscript  # noqa: F401
+
+        exports += [dict(dynamo=True), dict(dynamo=True, optimize=False)]
+    except ImportError:
+        pass
+    from bnfold import fold_onnx
+
+    for i, kw in enumerate(exports):
+        path = tmp_path / f"m{i}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (x,), str(path), input_names=["input"], **kw)
+        out, report = fold_onnx(onnx.load(str(path)))
+        assert report.left == 0, (kw, str(report))
+        assert not set(gone) & set(op_types(out)), kw
+        assert_valid(out)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        assert rel_err(ref, run(out, {out.graph.input[0].name: x.numpy()})[0]) < 1e-5, kw

@@ -8,7 +8,6 @@ input must stay.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import onnx
@@ -17,7 +16,7 @@ from onnx import helper
 
 from bnfold import fold_onnx
 from bnfold.report import Status
-from tests.onnx.helpers import F32, assert_equivalent, assert_valid, init, make_model, op_types, rel_err, run
+from tests.onnx.helpers import F32, assert_equivalent, assert_valid, folds_from_every_exporter, init, make_model, op_types, rel_err, run
 from tests.onnx.test_reparam import trained_stats
 
 
@@ -116,33 +115,4 @@ def test_torch_repvggdw_exports(tmp_path) -> None:
             return x + self.mlp(x)
 
     net = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.GELU(), Block(), Block())
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.randn(c, generator=g) + 0.3)
-                mod.running_var.copy_(torch.exp(torch.empty(c).uniform_(np.log(1e-4), np.log(10.0), generator=g)))
-                mod.weight.copy_(torch.randn(c, generator=g) * 0.8)
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.5)
-    net.eval()
-    x = torch.randn(2, 3, 9, 9, generator=g)
-    exports = [dict(dynamo=False, do_constant_folding=False, opset_version=17)]
-    try:
-        import onnxscript  # noqa: F401
-
-        exports += [dict(dynamo=True), dict(dynamo=True, optimize=False)]
-    except ImportError:
-        pass
-    for i, kw in enumerate(exports):
-        path = tmp_path / f"m{i}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, (x,), str(path), input_names=["input"], **kw)
-        m = onnx.load(str(path))
-        out, report = fold_onnx(m)
-        assert report.left == 0, (kw, str(report))
-        assert "BatchNormalization" not in op_types(out), kw
-        assert_valid(out)
-        with torch.no_grad():
-            ref = net(x).numpy()
-        assert rel_err(ref, run(out, {out.graph.input[0].name: x.numpy()})[0]) < 1e-5, kw
+    folds_from_every_exporter(net, None, tmp_path, gone=("BatchNormalization",))
