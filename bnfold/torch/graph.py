@@ -57,6 +57,17 @@ class BnCall:
     owner: str | None  # canonical name of the module owning the tensors, None if none or several
     op: str  # "BatchNorm2d", "F.batch_norm", "aten.batch_norm", … for the report
 
+    @classmethod
+    def traced(cls, state: dict[str, str | None], eps: object, training: object, op: str) -> "BnCall":
+        """A call seen in a trace: ``eps``/``training`` count only where the trace holds them as constants."""
+        return cls(
+            state,
+            float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None,
+            bool(training) if isinstance(training, bool) else None,
+            _owner(state),
+            op,
+        )
+
 
 COMPUTED = "<computed>"
 
@@ -297,13 +308,7 @@ def _fx_bn_call(node: fx.Node, gm: fx.GraphModule, model: nn.Module, canonical: 
     training = bound.get("training", False)
     eps = bound.get("eps", 1e-5)
     data = bound.get("input")
-    call = BnCall(
-        state,
-        float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None,
-        bool(training) if isinstance(training, bool) else None,
-        _owner(state),
-        op_name,
-    )
+    call = BnCall.traced(state, eps, training, op_name)
     return call, data if isinstance(data, fx.Node) else None, reads
 
 
@@ -513,13 +518,7 @@ def from_export(ep: "torch.export.ExportedProgram", model: nn.Module | None, inf
                 state[key] = COMPUTED
         training = fixed if fixed is not None else bound.get("training")
         eps = bound.get("eps")
-        call = BnCall(
-            state,
-            float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None,
-            bool(training) if isinstance(training, bool) else None,
-            _owner(state),
-            name,
-        )
+        call = BnCall.traced(state, eps, training, name)
         # The normalised value: the op itself, or item 0 of the tuple the native variants return.
         out = node
         if not _returns_tensor(node):
