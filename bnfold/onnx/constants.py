@@ -89,19 +89,25 @@ class ConstantResolver:
         self.assume_constant = assume_constant
         self.shapes = shapes
         self.opset = opset
-        self._memo: dict[int, Resolved] = {}
+        # By identity (graphsurgeon compares tensors by value, which is slow), holding the tensor itself:
+        # a tensor that a fold removed would otherwise be freed, and a new one created at the same address
+        # (a folded bias, say) would be handed the old one's value.
+        self._memo: dict[int, tuple[gs.Tensor, Resolved]] = {}
 
     def resolve(self, tensor: gs.Tensor | None) -> Resolved:
         if tensor is None:
             return Resolved(None, SkipReason(Reason.NOT_CONSTANT, "missing input"))
-        key = id(tensor)
-        if key not in self._memo:
-            self._memo[key] = self._resolve(tensor, depth=0)
-        return self._memo[key]
+        return self._memoised(tensor, depth=0)
 
     def forget(self, tensor: gs.Tensor) -> None:
         """Drop a memoised value after the fold rewrote the tensor."""
         self._memo.pop(id(tensor), None)
+
+    def _memoised(self, tensor: gs.Tensor, depth: int) -> Resolved:
+        entry = self._memo.get(id(tensor))
+        if entry is None or entry[0] is not tensor:
+            entry = self._memo[id(tensor)] = (tensor, self._resolve(tensor, depth))
+        return entry[1]
 
     # ------------------------------------------------------------------------------------------
     def _resolve(self, tensor: gs.Tensor, depth: int) -> Resolved:
@@ -141,8 +147,7 @@ class ConstantResolver:
                     return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"type of '{inp.name}' unknown"))
                 inputs.append(np.zeros((), dtype))
                 continue
-            r = self._memo.get(id(inp)) or self._resolve(inp, depth + 1)
-            self._memo[id(inp)] = r
+            r = self._memoised(inp, depth + 1)
             if not r.ok:
                 msg = r.reason.message if r.reason else ""
                 code = r.reason.code if r.reason else Reason.NOT_CONSTANT

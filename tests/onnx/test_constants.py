@@ -202,3 +202,29 @@ def test_identity_shared_with_another_reader():
     m = make_model(nodes, IN, [("output", F32), ("other", F32)], inits)
     out, _ = fold_and_verify(m, rng)
     assert initializers(out)["w0"].tobytes() == initializers(m)["w0"].tobytes()
+
+
+def test_a_new_tensor_at_a_freed_tensors_address_is_not_given_its_value() -> None:
+    """The memo is by identity; a tensor a fold removed is freed, and CPython hands its address to the
+    next object of that size — a folded bias, say. Seen on timm mobileone_s0 (dynamo optimize=False):
+    a conv got another conv's bias, 0.15 of the output's scale off (verification caught it)."""
+    import gc
+
+    import onnx_graphsurgeon as gs
+
+    from bnfold.onnx.constants import ConstantResolver
+
+    resolver = ConstantResolver(set(), False, {}, 17)
+    old = gs.Constant("old", np.ones(3, np.float32))
+    first = resolver.resolve(old)  # not inside an assert: pytest's rewriting would keep `old` alive
+    assert first.value.tolist() == [1, 1, 1]
+    address = id(old)
+    del old
+    gc.collect()
+    kept = []  # tensors that did not land on the freed address stay alive, so the search moves on
+    for _ in range(10_000):  # (with the memo holding `old`, the address is never freed: no landing)
+        new = gs.Constant("new", np.full(3, 2, np.float32))
+        if id(new) == address:
+            break
+        kept.append(new)
+    assert resolver.resolve(new).value.tolist() == [2, 2, 2]
