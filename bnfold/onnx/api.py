@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -305,15 +305,64 @@ def _keep_source_value_info(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
     out.graph.value_info.extend(remaining)
 
 
-def infer_shapes(
-    proto: onnx.ModelProto, skeleton: onnx.ModelProto | None = None
-) -> dict[str, tuple[list[int | None], int]]:
-    """Static shapes and element types of every tensor onnx can infer, subgraphs included.
+ShapeInfo = tuple[list[int | None] | None, int]
+"""A tensor's static dims (None for an unknown dim, or None for unknown rank) and its ONNX element type."""
 
-    Runs on a skeleton of the model (large initializers replaced by typed graph inputs), so it works
-    for models over 2 GB and costs no copy of the weights. ``skeleton``: `io.skeleton(proto)` if the
-    caller has it already (the precondition check built one); shape inference does not change it.
+
+class InferredShapes(Mapping[str, ShapeInfo]):
+    """Static shapes and element types of every tensor onnx can infer, subgraphs included — inferred
+    on first need.
+
+    Shape inference walks the whole graph (on a 10 MB model, a fifth of reading the file), yet a plain
+    Conv → BatchNorm fold needs no inferred shape: the weights' dims say everything. So a lookup of a
+    main-graph initializer is answered from the initializer itself, and inference runs the first time
+    anything else is asked for, once, for the whole model (what the rules ask about is a matter of
+    their matching, so a check and a fold of the same model ask the same questions).
+
+    Inference runs on a skeleton of the model (large initializers replaced by typed graph inputs), so it
+    works for models over 2 GB and costs no copy of the weights. ``skeleton``: `io.skeleton(proto)` if
+    the caller has it already (the precondition check built one); shape inference does not change it.
     """
+
+    def __init__(self, proto: onnx.ModelProto, skeleton: onnx.ModelProto | None = None) -> None:
+        self._proto = proto
+        self._skeleton = skeleton
+        self._initializers: dict[str, onnx.TensorProto] | None = None
+        self._inferred: dict[str, ShapeInfo] | None = None
+
+    def __getitem__(self, name: str) -> ShapeInfo:
+        if self._inferred is None:
+            if self._initializers is None:
+                self._initializers = {t.name: t for t in self._proto.graph.initializer}
+            t = self._initializers.get(name)
+            if t is not None:
+                return list(t.dims), t.data_type
+            self._inferred = _infer_all(self._proto, self._skeleton)
+        return self._inferred[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def _all(self) -> dict[str, ShapeInfo]:
+        if self._inferred is None:
+            self._inferred = _infer_all(self._proto, self._skeleton)
+        return self._inferred
+
+    @property
+    def inferred(self) -> bool:
+        """Whether inference has run (tests: a Conv → BatchNorm plan must not need it)."""
+        return self._inferred is not None
+
+
+def infer_shapes(proto: onnx.ModelProto, skeleton: onnx.ModelProto | None = None) -> InferredShapes:
+    """`InferredShapes` of `proto`: static shapes and element types, inferred when first needed."""
+    return InferredShapes(proto, skeleton)
+
+
+def _infer_all(proto: onnx.ModelProto, skeleton: onnx.ModelProto | None) -> dict[str, ShapeInfo]:
     skeleton = io.skeleton(proto) if skeleton is None else skeleton
     # Data propagation materialises 1-D tensors as lists of dims: a Slice of ConstantOfShape([10^12]) made
     # it allocate until the machine ran out of memory. It runs only when a first pass without it shows
@@ -324,7 +373,7 @@ def infer_shapes(
             inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:
         inferred = skeleton
-    shapes: dict[str, tuple[list[int | None], int]] = {}
+    shapes: dict[str, ShapeInfo] = {}
     for graph in _all_graphs(inferred.graph):
         for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
             tt = vi.type.tensor_type
@@ -335,7 +384,7 @@ def infer_shapes(
                 dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
             else:
                 dims = None
-            shapes[vi.name] = (dims, tt.elem_type)  # type: ignore[assignment]
+            shapes[vi.name] = (dims, tt.elem_type)
         for t in graph.initializer:
             shapes[t.name] = (list(t.dims), t.data_type)
     for t in proto.graph.initializer:
