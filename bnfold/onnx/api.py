@@ -9,6 +9,7 @@ check and the fold can never disagree.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
@@ -22,6 +23,7 @@ from onnx import helper
 
 from bnfold.errors import BnfoldError, InputError
 from bnfold.onnx import io
+from bnfold.onnx.chain import ELEMENTWISE
 from bnfold.onnx.constants import ConstantResolver
 from bnfold.onnx.fold import GraphEdit
 from bnfold.onnx.plan import Plan, apply_plan, plan_model
@@ -201,6 +203,8 @@ def _load(model: onnx.ModelProto | str | os.PathLike[str], check: bool = True) -
 def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto, Plan]:
     """Import into onnx-graphsurgeon and plan; unless a dry run, apply the plan, export, and restore
     what the export does not carry. Returns ``proto`` itself when nothing is (to be) rewritten."""
+    if not _has_affine_ops(proto):  # nothing a rule could start from: no graph to import, no plan to make
+        return proto, Plan()
     overridable = _overridable_initializers(proto)
     treat_as_constant = options.assume_constant or proto.ir_version < 4
     shapes = infer_shapes(proto, options.skeleton)
@@ -229,6 +233,21 @@ def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto
     _keep_source_value_info(proto, out)
     _restore_doc_strings(proto, out)
     return out, plan
+
+
+AFFINE_OPS = frozenset({"BatchNormalization", *ELEMENTWISE})
+"""The ops a chain can start from (`PlanContext.affine_step`): a model without any has nothing to fold."""
+
+
+def _has_affine_ops(proto: onnx.ModelProto) -> bool:
+    """Whether any graph (subgraphs included) or local function holds a node a chain could start from.
+
+    The usual CI case is a model folded before: then `check` costs its load and this walk, not a graph
+    import and a plan (on a MobileNetV2-size model those are most of its time). A custom domain's op
+    of the same name counts too: the plan decides about it, this only tells that there is nothing to ask.
+    """
+    bodies = itertools.chain(_all_graphs(proto.graph), *(_all_graphs(f) for f in proto.functions))
+    return any(n.op_type in AFFINE_OPS for body in bodies for n in body.node)  # the main graph's nodes first
 
 
 def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:

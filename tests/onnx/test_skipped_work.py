@@ -1,4 +1,4 @@
-"""Shape inference runs only when a rule needs a shape the weights do not give, and answers as before."""
+"""Work the pass skips when a model does not need it — shape inference, the graph import — with the same answers."""
 
 from __future__ import annotations
 
@@ -39,3 +39,13 @@ def test_skeleton_is_reused_for_inference() -> None:
     m = matmul_bn(np.random.default_rng(2))
     skeleton = io.skeleton(m)
     assert dict(api.infer_shapes(m, skeleton)) == _eager(m)
+
+
+def test_a_model_without_affine_ops_is_not_imported(monkeypatch) -> None:
+    """A folded model (the everyday CI gate) costs its load: no graph import, no plan."""
+    folded, _ = api.fold_onnx(conv_bn(np.random.default_rng(3)))
+    monkeypatch.setattr(api.gs, "import_onnx", lambda *_: (_ for _ in ()).throw(AssertionError("imported")))
+    report = api.check_onnx(folded)
+    assert report.candidates == [] and report.nodes_after == report.nodes_before
+    again, report = api.fold_onnx(folded)
+    assert again is folded or again.SerializeToString() == folded.SerializeToString()
