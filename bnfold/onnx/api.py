@@ -26,6 +26,7 @@ from bnfold.onnx import io
 from bnfold.onnx.chain import ELEMENTWISE
 from bnfold.onnx.constants import ConstantResolver
 from bnfold.onnx.fold import GraphEdit
+from bnfold.onnx.graph_import import import_model
 from bnfold.onnx.plan import Plan, apply_plan, plan_model
 from bnfold.onnx.storage import TensorStore
 from bnfold.report import FoldReport
@@ -209,7 +210,7 @@ def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto
     treat_as_constant = options.assume_constant or proto.ir_version < 4
     shapes = infer_shapes(proto, options.skeleton)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
-    graph = gs.import_onnx(proto)
+    graph = import_model(proto)
     resolver = ConstantResolver(overridable, treat_as_constant, shapes, opset)
     names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
     store = None if options.dry_run else options.store or TensorStore()
