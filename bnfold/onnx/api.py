@@ -25,7 +25,7 @@ from bnfold.onnx.constants import ConstantResolver
 from bnfold.onnx.fold import GraphEdit
 from bnfold.onnx.plan import Plan, apply_plan, plan_model
 from bnfold.onnx.storage import TensorStore
-from bnfold.onnx.writeback import Imported, write_back
+from bnfold.onnx.writeback import Imported, copy_for_write_back, write_back
 from bnfold.report import FoldReport
 
 if TYPE_CHECKING:  # verify imports onnxruntime: only where a fold is verified
@@ -232,10 +232,7 @@ def _fold(proto: onnx.ModelProto, options: FoldOptions, owned: bool) -> tuple[on
         if store is not None:
             store.close()
     assert imported is not None and store is not None
-    out = proto
-    if not owned:  # the caller's model is never mutated
-        out = onnx.ModelProto()
-        out.CopyFrom(proto)
+    out = proto if owned else copy_for_write_back(proto)  # the caller's model is never mutated
     write_back(imported, proto, out, store, edit.modified, overridable)
     return out, plan, skeleton
 

@@ -48,6 +48,7 @@ from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from bnfold.onnx import io
 from bnfold.onnx.storage import TensorStore, write_value
 
 Body = Union[onnx.GraphProto, onnx.FunctionProto]
@@ -123,7 +124,8 @@ def write_back(
     modified: set[str],
     overridable: set[str],
 ) -> None:
-    """Write the folds made on `imported`'s graph into `target`: `source` itself, or a copy of it.
+    """Write the folds made on `imported`'s graph into `target`: `source` itself, or a copy of it whose
+    main graph has no initializers yet (`copy_for_write_back`).
 
     ``source``: the model that was imported (its initializers tell an untouched constant from a changed
     one; never written when `target` is a copy). ``modified``: initializer names the folds changed or
@@ -155,11 +157,21 @@ def write_back(
             _write_nodes(part, found, list(constants.values()))
         else:
             _write_nodes(part, found, [])
-            removed, new = _write_initializers(part, found, constants, store, modified)
+            fill = not part.path and target is not source
+            removed, new = _write_initializers(part, found, constants, store, modified, fill)
             if not part.path:
                 _write_graph_inputs(target, removed, new, modified, overridable)
         if found.names is not None:
             _prune_value_info(found.target, found.names)
+
+
+def copy_for_write_back(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` to write a fold into, but for its main graph's initializers: `write_back` adds
+    those itself, so that none the fold rewrites or removes is copied first (most weights, in a CNN)."""
+    out = onnx.ModelProto()
+    io.copy_fields(model, out, skip=("graph",))
+    io.copy_fields(model.graph, out.graph, skip=("initializer",))
+    return out
 
 
 def _subgraph(body: Body, i: int, key: str) -> onnx.GraphProto:
@@ -215,7 +227,7 @@ def _homes(imported: Imported, changes: dict[int, _Changes]) -> dict[int, dict[s
             return False
         names = held.get(id(part))
         if names is None:
-            body = changes[id(part)].target
+            body = changes[id(part)].source
             names = held[id(part)] = {t.name for t in body.initializer} | {s.values.name for s in body.sparse_initializer}
         return name in names
 
@@ -448,43 +460,59 @@ def _write_initializers(
     constants: dict[str, gs.Constant],
     store: TensorStore,
     modified: set[str],
+    fill: bool,
 ) -> tuple[set[str], list[onnx.TensorProto]]:
-    """Keep, rewrite, add and remove one graph's initializers. Returns the names removed and the new tensors."""
+    """Keep, rewrite, add and remove one graph's initializers. Returns the names removed and the new tensors.
+
+    ``fill``: the target graph has no initializers yet (the main graph of a copy, `write_back`): they
+    are added here in the source's order, so a folded value is never first copied and then replaced.
+    """
     body, source = found.target, found.source
     originals = source.initializer
     index = {t.name: k for k, t in enumerate(originals)}
     sparse = {s.values.name: k for k, s in enumerate(source.sparse_initializer)}
     main = not part.path
-    removed: set[str] = set()
+    rewrite: dict[int, gs.Constant] = {}
+    made: list[gs.Constant] = []
     dropped_sparse: list[int] = []
-    read: set[str] = set()
-    new: list[onnx.TensorProto] = []
     for name, constant in constants.items():
-        read.add(name)
         values = constant._values
         k = index.get(name)
         if k is not None:
-            if isinstance(values, LazyValues) and values.tensor is originals[k]:
-                continue  # untouched: the source's own TensorProto
-            store.write(constant, body.initializer[k], may_pend=main)
+            if not (isinstance(values, LazyValues) and values.tensor is originals[k]):
+                rewrite[k] = constant  # else untouched: the source's own TensorProto
             continue
         k = sparse.get(name)
         if k is not None:
             if isinstance(values, SparseValues) and values.tensor is source.sparse_initializer[k]:
                 continue
             dropped_sparse.append(k)  # a fold wrote a dense value: a dense initializer replaces it
+        made.append(constant)
+    gone = {index[n] for n in modified if n in index and n not in constants}
+    removed = {originals[k].name for k in gone}
+    if fill:
+        for k, tensor in enumerate(originals):
+            if k in gone:
+                continue
+            if k in rewrite:
+                store.write(rewrite[k], body.initializer.add(), may_pend=main)
+            else:
+                body.initializer.add().CopyFrom(tensor)  # measured 2-3x faster than append(tensor)
+    else:
+        for k, constant in rewrite.items():
+            store.write(constant, body.initializer[k], may_pend=main)
+        for k in sorted(gone, reverse=True):
+            del body.initializer[k]
+    new = []
+    for constant in made:
         tensor = body.initializer.add()
         store.write(constant, tensor, may_pend=main)
         new.append(tensor)
-    gone = [index[n] for n in modified if n in index and n not in read]
-    for k in sorted(gone, reverse=True):
-        removed.add(body.initializer[k].name)
-        del body.initializer[k]
-    dropped_sparse += [sparse[n] for n in modified if n in sparse and n not in read]
+    dropped_sparse += [sparse[n] for n in modified if n in sparse and n not in constants]
     for k in sorted(set(dropped_sparse), reverse=True):
         removed.add(body.sparse_initializer[k].values.name)
         del body.sparse_initializer[k]
-    return removed - read, new
+    return removed - constants.keys(), new
 
 
 def _write_graph_inputs(
