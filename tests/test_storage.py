@@ -41,7 +41,7 @@ def test_fold_file_writes_the_in_memory_fold_byte_for_byte(tmp_path: Path, monke
     src = tmp_path / "m.onnx"
     model = _conv_bn(np.random.default_rng(0))
     onnx.save(model, src)
-    monkeypatch.setattr(storage, "PARK_BYTES", 0)  # every folded value pending, however small
+    monkeypatch.setattr(storage, "PENDING_BYTES", 0)  # every folded value pending, however small
     api.fold_file(src, tmp_path / "out.onnx")
     folded, _ = api.fold_onnx(model)
     assert (tmp_path / "out.onnx").read_bytes() == folded.SerializeToString()

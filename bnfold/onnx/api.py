@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import onnx
-import onnx_graphsurgeon as gs
-from onnx import helper
 
 from bnfold.errors import BnfoldError, InputError
 from bnfold.onnx import io
@@ -29,6 +27,7 @@ from bnfold.onnx.fold import GraphEdit
 from bnfold.onnx.graph_import import import_model
 from bnfold.onnx.plan import Plan, apply_plan, plan_model
 from bnfold.onnx.storage import TensorStore
+from bnfold.onnx.writeback import Imported, copy_for_write_back, write_back
 from bnfold.report import FoldReport
 
 if TYPE_CHECKING:  # verify imports onnxruntime: only where a fold is verified
@@ -45,7 +44,8 @@ class FoldOptions:
     spill file, pending arrays); None: a store holding them in memory, written into the returned model.
     ``source``: the name the report gives the model. ``checked``: the model was just loaded (and
     checked) by `io.load_checked`, so the precondition is not run again; ``skeleton``: the skeleton
-    that check ran on, reused by shape inference.
+    that check ran on, reused by shape inference. ``owned``: the model was loaded for this run only, so
+    the fold is written into it (a caller's in-memory model is copied first; one given by path is owned).
     """
 
     assume_constant: bool = False
@@ -54,6 +54,7 @@ class FoldOptions:
     source: str | None = None
     checked: bool = False
     skeleton: onnx.ModelProto | None = None
+    owned: bool = False
 
 
 def fold_onnx(
@@ -112,7 +113,8 @@ def fold_file(
                      if had_external else nullcontext(None))
         with spill_ctx as spill:
             store = TensorStore(spill, pending=True)
-            options = FoldOptions(assume_constant=assume_constant, store=store, source=str(source), checked=True, skeleton=skeleton)
+            options = FoldOptions(assume_constant=assume_constant, store=store, source=str(source), checked=True,
+                                  skeleton=skeleton, owned=True)
             folded, report = _fold_model(original, options)
             from bnfold.verify import before_writing
 
@@ -135,15 +137,17 @@ def _fold_model(
     label, proto = _load(model, check=not options.checked)
     source = options.source or label
     report = FoldReport(source=source, dry_run=options.dry_run)
-    folded, plan = _fold(proto, options)
+    report.nodes_before, report.params_before = _counts(proto)  # first: the fold may rewrite `proto` in place
+    owned = options.owned or not isinstance(model, onnx.ModelProto)
+    folded, plan, original = _fold(proto, options, owned)
     report.candidates = plan.candidates
     report.notes = list(plan.notes)
-    report.nodes_before, report.params_before = _counts(proto)
-    if folded is not proto:
-        _postcondition(proto, folded, source, report)
+    rewritten = bool(plan.folds) and not options.dry_run
+    if rewritten:
+        _postcondition(original, folded, source, report)
     if plan.folds and options.dry_run:
         report.nodes_after, report.params_after = plan.nodes_after, report.params_before + plan.params_change
-    elif folded is proto:  # nothing rewritten: the same model, no second walk
+    elif not rewritten:  # the same model, no second walk
         report.nodes_after, report.params_after = report.nodes_before, report.params_before
     else:
         report.nodes_after, report.params_after = _counts(folded)
@@ -161,6 +165,7 @@ def _postcondition(original: onnx.ModelProto, folded: onnx.ModelProto, source: s
 
     Where the input itself fails the full check (a wrong declared output shape, say), the fold cannot be
     blamed: the output then gets the same basic check the input passed, and the report says so.
+    ``original``: the input, or its skeleton where the fold was written into the input itself.
     """
     try:
         io.check_model(folded, what=f"{source} (folded)", full=True)
@@ -201,16 +206,21 @@ def _load(model: onnx.ModelProto | str | os.PathLike[str], check: bool = True) -
     raise InputError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
 
 
-def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto, Plan]:
-    """Import into onnx-graphsurgeon and plan; unless a dry run, apply the plan, export, and restore
-    what the export does not carry. Returns ``proto`` itself when nothing is (to be) rewritten."""
+def _fold(proto: onnx.ModelProto, options: FoldOptions, owned: bool) -> tuple[onnx.ModelProto, Plan, onnx.ModelProto]:
+    """Import into onnx-graphsurgeon and plan; unless a dry run, apply the plan and write it back into
+    the model (`writeback.py`): into ``proto`` itself when the pass ``owned`` it, else into a copy.
+
+    Returns the folded model (``proto`` itself, unchanged, when nothing is rewritten), the plan, and
+    what the postcondition may check the input on (``proto``, or its skeleton once it is rewritten).
+    """
     if not _has_affine_ops(proto):  # nothing a rule could start from: no graph to import, no plan to make
-        return proto, Plan()
+        return proto, Plan(), proto
     overridable = _overridable_initializers(proto)
     treat_as_constant = options.assume_constant or proto.ir_version < 4
     shapes = infer_shapes(proto, options.skeleton)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
     graph = import_model(proto)
+    imported = None if options.dry_run else Imported(graph, proto)  # before the plan folds in place
     resolver = ConstantResolver(overridable, treat_as_constant, shapes, opset)
     names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
     store = None if options.dry_run else options.store or TensorStore()
@@ -218,22 +228,19 @@ def _fold(proto: onnx.ModelProto, options: FoldOptions) -> tuple[onnx.ModelProto
         # in place: the graph was imported for this run only (see plan.py, "In place")
         plan = plan_model(graph, resolver, shapes, names, store, in_place=True, dry_run=options.dry_run)
         if options.dry_run or not plan.folds:
-            return proto, plan
+            return proto, plan, proto
         edit = GraphEdit(graph, names, store=store)
         apply_plan(plan, edit)
     finally:
         if store is not None:
             store.close()
-    graph.toposort()
-    out = store.export(graph)
-    functions = list(out.functions) or list(proto.functions)
-    _copy_model_fields(proto, out)  # the exported graph is used as it is: no second copy of the weights
-    del out.functions[:]
-    out.functions.extend(functions)
-    _restore_graph_inputs(proto, out, overridable, edit.modified)
-    _keep_source_value_info(proto, out)
-    _restore_doc_strings(proto, out)
-    return out, plan
+    assert imported is not None and store is not None
+    if not owned:
+        out, original = copy_for_write_back(proto), proto  # the caller's model is never mutated
+    else:  # rewritten in place: what the postcondition may need of the input is its skeleton, taken first
+        out, original = proto, options.skeleton if options.skeleton is not None else io.skeleton(proto)
+    write_back(imported, proto, out, store, edit.modified, overridable)
+    return out, plan, original
 
 
 AFFINE_OPS = frozenset({"BatchNormalization", *ELEMENTWISE})
@@ -251,78 +258,9 @@ def _has_affine_ops(proto: onnx.ModelProto) -> bool:
     return any(n.op_type in AFFINE_OPS for body in bodies for n in body.node)  # the main graph's nodes first
 
 
-def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    """Everything of the source model but its graph: IR version, opsets, producer, metadata, doc string."""
-    for field, _ in dst.ListFields():
-        if field.name not in ("graph", "functions"):
-            dst.ClearField(field.name)
-    io.copy_fields(src, dst, skip=("graph", "functions"))
-
-
 def _overridable_initializers(proto: onnx.ModelProto) -> set[str]:
     inputs = {i.name for i in proto.graph.input}
     return {t.name for t in proto.graph.initializer if t.name in inputs}
-
-
-def _restore_graph_inputs(src: onnx.ModelProto, out: onnx.ModelProto, overridable: set[str], modified: set[str]) -> None:
-    """onnx-graphsurgeon drops initializers from the graph inputs; put back the ones that belong there.
-
-    IR < 4 requires every initializer to be listed as an input, so all remaining ones are. From IR 4 on,
-    listed initializers are overridable defaults: those the fold left untouched stay listed, the ones it
-    changed (with --assume-constant) are dropped, since overriding them would no longer mean the same.
-    """
-    present = {t.name for t in out.graph.initializer}
-    listed = {i.name for i in out.graph.input}
-    originals = {i.name: i for i in src.graph.input}
-    new_inputs = []
-    for inp in src.graph.input:
-        if inp.name in listed:
-            new_inputs.append(inp)
-        elif inp.name in overridable and inp.name in present and (src.ir_version < 4 or inp.name not in modified):
-            new_inputs.append(inp)
-    if src.ir_version < 4:
-        for t in out.graph.initializer:
-            if t.name not in originals:
-                new_inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    by_name = {i.name: i for i in out.graph.input}
-    final = [by_name.get(i.name, i) for i in new_inputs]
-    del out.graph.input[:]
-    out.graph.input.extend(final)
-
-
-def _restore_doc_strings(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
-    """onnx-graphsurgeon does not carry node doc strings and metadata, nor those of the graph's inputs
-    and outputs: put them back by name (a fold changes no type of a graph input or output)."""
-    io_src = {v.name: v for v in list(src.graph.input) + list(src.graph.output)}
-    for v in list(out.graph.input) + list(out.graph.output):
-        if v.name in io_src:
-            v.CopyFrom(io_src[v.name])
-    by_key: dict[str, onnx.NodeProto] = {}
-    annotated = False
-    for g in _all_graphs(src.graph):
-        for n in g.node:
-            by_key.setdefault(n.name or f"->{n.output[0] if n.output else ''}", n)
-            annotated = annotated or bool(n.doc_string) or bool(getattr(n, "metadata_props", None))
-    if not annotated:  # the usual export: nothing to put back, so no walk of the output
-        return
-    for g in _all_graphs(out.graph):
-        for n in g.node:
-            original = by_key.get(n.name or f"->{n.output[0] if n.output else ''}")
-            if original is None or original.op_type != n.op_type:
-                continue
-            if original.doc_string:
-                n.doc_string = original.doc_string
-            if hasattr(n, "metadata_props") and len(original.metadata_props):
-                del n.metadata_props[:]
-                n.metadata_props.extend(original.metadata_props)
-
-
-def _keep_source_value_info(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
-    """Keep only the value_info the source had (for tensors that still exist): no invented annotations."""
-    keep = {v.name for v in src.graph.value_info}
-    remaining = [v for v in out.graph.value_info if v.name in keep]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(remaining)
 
 
 ShapeInfo = tuple[list[int | None] | None, int]

@@ -2,13 +2,13 @@
 
 The pass makes one `TensorStore` per run that rewrites a model (`api.fold_onnx`, `api.fold_file`; a
 check makes none, it writes nothing). `GraphEdit.write_params` hands it each folded value (`hold`),
-`api._fold` asks it for the exported model (`export`), and `fold_file` asks it to write that model
-(`save`). A value is held one of three ways:
+the write-back of the folds into the model (`writeback.py`) has it write each folded constant there
+(`write`), and `fold_file` asks it to write that model (`save`). A value is held one of three ways:
 
 * in memory, as a numpy array (the default);
 * in a spill file (`Spill`), when the input keeps its weights in external data: large folded values
   leave memory as soon as they are computed, so a model of any size folds in bounded memory;
-* pending: after the export the model holds data-less stand-ins and the arrays wait in
+* pending: after the write-back the model holds data-less stand-ins and the arrays wait in
   `TensorStore.pending`, to go from numpy straight into the output file, never copied into a protobuf.
 
 and written one of three ways by `save_model` (which `io.commit` then renames into place):
@@ -48,6 +48,7 @@ from typing import Callable, Collection
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx as _dtype_to_onnx
 
 from bnfold import files
 from bnfold.affine import StandIn
@@ -55,12 +56,11 @@ from bnfold.errors import OutputError
 from bnfold.onnx import io
 from bnfold.onnx.io import _short
 
-PARK_BYTES = 1 << 12
-"""Constants from this size up skip the graphsurgeon export's two copies (see `TensorStore.export`).
-
-Low, because the copies cost per tensor as much as per byte: on MobileNetV2 (most weights 10-600 KB)
-parking from 4 KiB instead of 1 MiB takes ~20% off `fold_file`; below that a stand-in gains nothing.
-"""
+PENDING_BYTES = 1 << 12
+"""Folded arrays from this size up wait in `TensorStore.pending` (`fold_file`) instead of being copied
+into the model (``tobytes`` and again into the message). Where exactly does not matter: pending from 0,
+4 KiB or 64 KiB up timed the same within noise on MobileNetV2, ShuffleNetV2 and ResNet-50 `fold_file`,
+while pending nothing cost +6, +7 and +190 ms (61, 58 and 250 ms runs)."""
 
 COPY_CHUNK = 64 << 20
 """How much of another file's tensor is copied at a time into a new data file (bounds peak memory)."""
@@ -101,9 +101,9 @@ class TensorStore:
     """The folded values of one run of the pass: how they are held, and the writing of the model.
 
     ``spill_dir``: a folder for a spill file (`Spill`): large folded values go there as they are
-    computed (the caller keeps the folder until the model is saved). ``pending``: after `export`, large
-    numpy values wait in `self.pending` behind data-less stand-ins, for `save` to stream; without it
-    they are written into the exported model (what `fold_onnx` returns must be whole).
+    computed (the caller keeps the folder until the model is saved). ``pending``: `write` leaves large
+    numpy values of main-graph initializers in `self.pending` behind data-less stand-ins, for `save` to
+    stream; without it they are written into the model (what `fold_onnx` returns must be whole).
     """
 
     def __init__(self, spill_dir: str | os.PathLike[str] | None = None, *, pending: bool = False) -> None:
@@ -121,25 +121,30 @@ class TensorStore:
         values = in_memory(values)
         if self._spill is not None and not isinstance(values, (gs.ir.tensor.LazyValues, StandIn)) and values.nbytes >= Spill.MIN_BYTES:
             return gs.ir.tensor.LazyValues(self._spill.add(values, name))
-        return values  # large ones are written straight into the output (`export`)
+        return values  # large ones are written straight into the output (`write`)
 
     def close(self) -> None:
         """No more values to hold: close the spill file (its references stay valid until the folder goes)."""
         if self._spill is not None:
             self._spill.close()
 
-    def export(self, graph: gs.Graph) -> onnx.ModelProto:
-        """The graphsurgeon export of `graph`, each large constant copied once (not three times).
+    def write(self, constant: gs.Constant, into: onnx.TensorProto, *, may_pend: bool = False) -> None:
+        """Write a folded constant into `into` (an initializer of the model being written).
 
-        The export copies each initializer twice (into the GraphProto, then into the ModelProto), and
-        per tensor that costs as much as per byte; so large constants are swapped for data-less
-        stand-ins first (`_park`), and afterwards each real value is written into its place once, or
-        left in `pending` (`_unpark`).
+        ``may_pend``: `into` is a main-graph initializer (the only ones `_write_streaming` fills), so a
+        large array may wait in `pending` behind a data-less stand-in, when this store keeps pending
+        arrays; otherwise the value is written into `into` (`write_value`).
         """
-        parked = _park(graph)
-        out = gs.export_onnx(graph, do_type_check=False)
-        _unpark(out.graph, parked, self.pending)
-        return out
+        values = constant._values
+        if may_pend and self.pending is not None and isinstance(values, np.ndarray) and values.nbytes >= PENDING_BYTES:
+            array = np.ascontiguousarray(values)
+            into.Clear()
+            into.name = constant.name
+            into.data_type = _onnx_type(array.dtype)
+            into.dims.extend(array.shape)
+            self.pending[constant.name] = array
+            return
+        write_value(constant, into)
 
     def save(self, model: onnx.ModelProto, path: str | os.PathLike[str], **options) -> list[Path]:
         """`save_model` with this store's pending values."""
@@ -153,45 +158,31 @@ def in_memory(values):
     return np.ascontiguousarray(values)
 
 
-def _park(graph: gs.Graph) -> dict[str, object]:
-    """Swap every large constant for a data-less stand-in before the export; return the real values."""
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-
-    parked: dict[str, object] = {}
-    for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant):
-            continue
-        values = tensor._values
-        nbytes = values.nbytes if hasattr(values, "nbytes") else 0
-        if nbytes < PARK_BYTES:
-            continue
-        if isinstance(values, LazyValues):
-            parked[tensor.name] = values.tensor
-            data_type, dims = values.tensor.data_type, list(values.tensor.dims)
-        else:
-            parked[tensor.name] = np.ascontiguousarray(values)
-            data_type, dims = onnx.helper.np_dtype_to_tensor_dtype(values.dtype), list(values.shape)
-        tensor._values = LazyValues(onnx.TensorProto(name=tensor.name, data_type=data_type, dims=dims))
-    return parked
+_ONNX_TYPES: dict[np.dtype, int] = {}
 
 
-def _unpark(graph: onnx.GraphProto, parked: dict[str, object], pending: dict[str, np.ndarray] | None = None) -> None:
-    """Write each parked tensor into its stand-in's place: one copy, one tensor at a time.
+def _onnx_type(dtype: np.dtype) -> int:
+    """onnx-graphsurgeon's dtype → ONNX element type (bfloat16 and float8 included), memoised: it builds
+    a table on every call (~5 µs, once per folded tensor)."""
+    found = _ONNX_TYPES.get(dtype)
+    if found is None:
+        found = _ONNX_TYPES[dtype] = _dtype_to_onnx(dtype)
+    return found
 
-    With ``pending``, numpy values are handed over there instead (the stand-in stays data-less) for the
-    writer to stream into the file without any protobuf copy.
-    """
-    for initializer in graph.initializer:
-        value = parked.pop(initializer.name, None)
-        if isinstance(value, np.ndarray):
-            if pending is not None:
-                pending[initializer.name] = value
-            else:
-                initializer.raw_data = value.tobytes()  # little-endian, as ONNX stores raw data
-        elif value is not None:
-            name = initializer.name
-            initializer.CopyFrom(value)
-            initializer.name = name
+
+def write_value(constant: gs.Constant, into: onnx.TensorProto) -> None:
+    """A constant's value as a TensorProto, written into `into`: a spilled value (a `LazyValues`) as its
+    reference, an array as its raw bytes (one copy). Never writes the tensor the value came from."""
+    values = constant._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        into.CopyFrom(values.tensor)
+    else:
+        array = np.ascontiguousarray(values)
+        into.Clear()
+        into.data_type = _onnx_type(array.dtype)
+        into.dims.extend(array.shape)
+        into.raw_data = array.tobytes()  # little-endian, as ONNX stores raw data
+    into.name = constant.name
 
 
 def save_model(

@@ -15,12 +15,12 @@ from tests.onnx.helpers import assert_equivalent, conv_bn_relu
 
 
 @pytest.fixture
-def small_park(monkeypatch):
-    """Park every constant, however small, so the streaming path runs on tiny test models."""
-    monkeypatch.setattr(storage, "PARK_BYTES", 0)
+def all_pending(monkeypatch):
+    """Every folded array pending, however small, so the streaming path runs on tiny test models."""
+    monkeypatch.setattr(storage, "PENDING_BYTES", 0)
 
 
-def test_streamed_bytes_equal_the_materialised_model(tmp_path: Path, small_park) -> None:
+def test_streamed_bytes_equal_the_materialised_model(tmp_path: Path, all_pending) -> None:
     m = conv_bn_relu(np.random.default_rng(0))
     m.doc_string = "kept"
     store = storage.TensorStore(pending=True)
@@ -33,7 +33,7 @@ def test_streamed_bytes_equal_the_materialised_model(tmp_path: Path, small_park)
 
 
 @pytest.mark.parametrize("external", [None, True])
-def test_fold_file_inline_and_external(tmp_path: Path, small_park, external) -> None:
+def test_fold_file_inline_and_external(tmp_path: Path, all_pending, external) -> None:
     src, dst = tmp_path / "m.onnx", tmp_path / "out" / "f.onnx"
     dst.parent.mkdir()
     m = conv_bn_relu(np.random.default_rng(1), c_in=16, c_out=32)
@@ -46,7 +46,7 @@ def test_fold_file_inline_and_external(tmp_path: Path, small_park, external) -> 
     assert_equivalent(m, onnx.load(dst), np.random.default_rng(2))
 
 
-def test_fold_file_twice_is_byte_identical(tmp_path: Path, small_park) -> None:
+def test_fold_file_twice_is_byte_identical(tmp_path: Path, all_pending) -> None:
     onnx.save(conv_bn_relu(np.random.default_rng(3)), tmp_path / "m.onnx")
     api.fold_file(tmp_path / "m.onnx", tmp_path / "a.onnx")
     report = api.fold_file(tmp_path / "a.onnx", tmp_path / "b.onnx")
@@ -54,7 +54,7 @@ def test_fold_file_twice_is_byte_identical(tmp_path: Path, small_park) -> None:
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
-def test_before_commit_failure_writes_nothing(tmp_path: Path, small_park) -> None:
+def test_before_commit_failure_writes_nothing(tmp_path: Path, all_pending) -> None:
     onnx.save(conv_bn_relu(np.random.default_rng(4)), tmp_path / "m.onnx")
 
     def refuse(written: str, report) -> None:

@@ -193,7 +193,8 @@ def test_check_writes_no_file_of_any_kind(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(builtins, "open", read_only_open)
     monkeypatch.setattr(api, "TensorStore", forbidden)
-    monkeypatch.setattr(api.gs, "export_onnx", forbidden)
+    monkeypatch.setattr(api, "Imported", forbidden)
+    monkeypatch.setattr(api, "write_back", forbidden)
     monkeypatch.setattr(api, "_postcondition", forbidden)
     before = sorted(os.listdir(p.parent))
     report = check_onnx(p)

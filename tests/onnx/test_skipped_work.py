@@ -44,7 +44,7 @@ def test_skeleton_is_reused_for_inference() -> None:
 def test_a_model_without_affine_ops_is_not_imported(monkeypatch) -> None:
     """A folded model (the everyday CI gate) costs its load: no graph import, no plan."""
     folded, _ = api.fold_onnx(conv_bn(np.random.default_rng(3)))
-    monkeypatch.setattr(api.gs, "import_onnx", lambda *_: (_ for _ in ()).throw(AssertionError("imported")))
+    monkeypatch.setattr(api, "import_model", lambda *_: (_ for _ in ()).throw(AssertionError("imported")))
     report = api.check_onnx(folded)
     assert report.candidates == [] and report.nodes_after == report.nodes_before
     again, report = api.fold_onnx(folded)
