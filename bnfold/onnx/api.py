@@ -9,10 +9,12 @@ check and the fold can never disagree.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
@@ -139,7 +141,8 @@ def _fold_model(
     report = FoldReport(source=source, dry_run=options.dry_run)
     report.nodes_before, report.params_before = _counts(proto)  # first: the fold may rewrite `proto` in place
     owned = options.owned or not isinstance(model, onnx.ModelProto)
-    folded, plan, original = _fold(proto, options, owned)
+    with collector_paused():
+        folded, plan, original = _fold(proto, options, owned)
     report.candidates = plan.candidates
     report.notes = list(plan.notes)
     rewritten = bool(plan.folds) and not options.dry_run
@@ -158,6 +161,27 @@ def _fold_model(
         )
     report.seconds = time.perf_counter() - start
     return folded, report
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while the graph is imported, planned and rewritten.
+
+    onnx-graphsurgeon's objects point at each other (a tensor lists its producers and consumers, a
+    list its owner): a 230-node graph is some 5000 objects in cycles, all alive until the pass ends,
+    so the collections their allocation triggers find nothing to free, yet each full one walks every
+    object of the process. What the pass leaves behind is collected by the first collection after it.
+    Measured with a previous model's graph still uncollected (a gate over a folder, in one process):
+    a check of a ShuffleNetV2/MobileNetV2-size model 24.7/26.2 → 21.1/21.8 ms (medians of 40); on a
+    freshly collected heap no difference.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _postcondition(original: onnx.ModelProto, folded: onnx.ModelProto, source: str, report: FoldReport) -> None:
