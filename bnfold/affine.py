@@ -68,12 +68,14 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     Also notes the channels a user should know about: a tiny ``σ²+ε`` (huge scale: the original model
     already amplifies noise there) and ``γ = 0`` (a dead channel: its output is the constant β).
     """
-    gamma, beta, mean, var = (as_f64(a).reshape(-1) for a in (gamma, beta, mean, var))
+    gamma, beta, mean, var = as_f64(gamma).reshape(-1), as_f64(beta).reshape(-1), as_f64(mean).reshape(-1), as_f64(var).reshape(-1)
     with np.errstate(invalid="ignore", divide="ignore"):  # broken channels are reported below, not warned about
-        denom = np.sqrt(var + F64(epsilon))
-        scale = gamma / denom
+        var_eps = var + F64(epsilon)
+        scale = gamma / np.sqrt(var_eps)
     shift = beta - scale * mean
     notes: list[str] = []
+    if scale.size and _unremarkable(gamma, var, var_eps, scale, shift):
+        return Affine(scale, shift, notes)
     # σ² = 0: the running variance collapsed and ε alone sets the scale.
     fragile = np.flatnonzero((np.abs(scale) > FRAGILE_SCALE) | (var == 0))
     if fragile.size:
@@ -94,6 +96,23 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     if dead.size:
         notes.append(f"{dead.size} dead channel(s) with gamma = 0 (constant output): channels {_channel_list(dead)}")
     return Affine(scale, shift, notes)
+
+
+def _unremarkable(gamma: np.ndarray, var: np.ndarray, var_eps: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> bool:
+    """True when `batchnorm_affine` has nothing to note: a handful of reductions instead of its ~20 array operations.
+
+    Sufficient, never necessary (False just means the full checks run): ``max|s| ≤ FRAGILE_SCALE`` (NaN fails
+    it) and no ``σ² = 0`` leave no fragile channel; ``σ²+ε > 0`` with ``s`` finite makes ``γ = s·√(σ²+ε)``
+    finite (an infinite γ gives ``s = ±inf`` or, over ``σ² = inf``, NaN), and a finite ``t = β − s·μ`` makes
+    β and μ finite: no broken channel; no ``γ = 0``: no dead one. Non-empty arrays only.
+    """
+    return bool(
+        np.maximum.reduce(np.abs(scale)) <= FRAGILE_SCALE
+        and np.minimum.reduce(var_eps) > 0
+        and np.isfinite(shift).all()
+        and var.all()
+        and gamma.all()
+    )
 
 
 def _channel_list(idx: np.ndarray, limit: int = 8) -> str:
@@ -132,7 +151,10 @@ class StandIn(np.ndarray):
 
 def stand_in(shape: tuple[int, ...], dtype: np.dtype) -> StandIn:
     """A read-only array of `shape` and `dtype` that costs one element of memory (every stride 0)."""
-    return np.broadcast_to(np.zeros((), dtype=np.dtype(dtype)), shape).view(StandIn)
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    # what `np.broadcast_to(np.zeros((), dtype), shape)` makes (read-only, every stride 0), built directly
+    return StandIn(shape, dtype, buffer=bytes(dtype.itemsize), strides=(0,) * len(shape))
 
 
 def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> bool:
@@ -148,17 +170,20 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
     v = np.asarray(values)
     dt = np.dtype(dtype)
     try:
-        tiny = float(finfo(dt).tiny)
+        tiny = float(_finfo_cached(dt).tiny)
     except ValueError:  # not a float type: nothing to prove
         return False
     s = np.abs(np.asarray(scale, F64))
     s_hi = float(s.max()) if s.size else math.nan
     if v.size == 0 or not math.isfinite(s_hi) or s_hi == 0:  # NaN/inf scale, or all zero: compute
         return False
-    s_lo = float(np.min(s, where=s > 0, initial=np.inf))
+    s_lo = float(s.min())  # no NaN here (s_hi is finite); the smallest non-zero |s| is what matters
+    if not s_lo > 0:
+        s_lo = float(np.min(s, where=s > 0, initial=np.inf))
     # Python floats from here: IEEE double arithmetic like numpy's float64, without per-call numpy overhead
     flat = v.reshape(-1)
-    buf = np.empty(min(flat.size, BLOCK_ELEMENTS), v.dtype)  # one cache-sized buffer, not a copy of v
+    # a small weight (most of a MobileNet's) in one piece; a large one through one cache-sized buffer, not a copy
+    buf = np.empty(flat.size, v.dtype) if flat.size <= BLOCK_ELEMENTS else np.empty(BLOCK_ELEMENTS, v.dtype)
     hi, lo = 0.0, math.inf
     for start in range(0, flat.size, BLOCK_ELEMENTS):
         mag = np.abs(flat[start : start + BLOCK_ELEMENTS], out=buf[: min(BLOCK_ELEMENTS, flat.size - start)])
@@ -327,6 +352,17 @@ def finfo(dtype: np.dtype):
     return np.finfo(dtype)
 
 
+_FINFO: dict[np.dtype, object] = {}
+
+
+def _finfo_cached(dtype: np.dtype):
+    """`finfo` of a float dtype, looked up once (it runs for every folded tensor); a ValueError for any other."""
+    info = _FINFO.get(dtype)
+    if info is None:
+        info = _FINFO[dtype] = finfo(dtype)
+    return info
+
+
 def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float64 → bfloat16 rounded once to nearest, ties to even.
 
@@ -369,17 +405,19 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype, what: str) -> tuple[np.n
     else:
         with np.errstate(over="ignore"):
             out = v.astype(dtype)
-    if np.issubdtype(dtype, np.integer):
+    if dtype.kind != "f" and np.issubdtype(dtype, np.integer):
         return out, 0
     magnitude = np.abs(out)
-    if out.size and not np.isfinite(magnitude.max()):  # rare: find out whether a finite value overflowed
+    if out.size and not math.isfinite(float(magnitude.max())):  # rare: find out whether a finite value overflowed
         overflow = np.isfinite(v) & ~np.isfinite(out.astype(F64))
         if overflow.any():
             worst = float(np.max(np.abs(v[overflow])))
             raise FoldOverflowError(
                 f"folded {what} reaches {worst:.6g}, beyond the largest {dtype.name} ({float(finfo(dtype).max):.6g})"
             )
-    tiny = out.dtype.type(finfo(dtype).tiny)
+    tiny = out.dtype.type(_finfo_cached(dtype).tiny)
+    if dtype.kind == "f" and (not out.size or not np.fmin.reduce(magnitude, axis=None) < tiny):
+        return out, 0  # the common case, in one reduction (fmin skips NaN, which is never subnormal)
     with np.errstate(invalid="ignore"):  # NaN compares false: never counted as subnormal
         small = magnitude < tiny
         if not small.any():  # the common case: one pass, nothing to flush
