@@ -34,6 +34,7 @@ class GraphEdit:
     modified: set[str] = field(default_factory=set)
     store: TensorStore | None = None  # holds the folded values (None: a check, values stay as computed)
     forget: Callable[[gs.Tensor], None] = lambda tensor: None
+    dead: dict[int, gs.Node] = field(default_factory=dict, repr=False)  # cut off by `remove_dead`, in graph.nodes until `prune`
 
     def for_graph(self, graph: gs.Graph) -> "GraphEdit":
         """The same edit (names, modified set, store) on another graph of the model (a subgraph)."""
@@ -100,10 +101,13 @@ class GraphEdit:
         """Disconnect the folded chain, then drop whatever only it used (constant subexpressions).
 
         Targeted rather than `graph.cleanup()`: cleanup would also delete dead nodes the user already had,
-        which is not ours to change.
+        which is not ours to change. The nodes are cut off here (no inputs, no outputs: nothing reaches
+        them) and leave `graph.nodes` at `prune`, once per graph: rebuilding the list on every fold made
+        planning quadratic in the number of nodes.
         """
         graph = self.graph
         work: list[gs.Tensor] = list(tensors)
+        dead = self.dead
         for node in removed:
             work.extend(node.inputs)
             for t in node.inputs:
@@ -111,7 +115,7 @@ class GraphEdit:
                     self.modified.add(t.name)
             node.inputs.clear()
             node.outputs.clear()
-        dead = {id(n) for n in removed}
+            dead[id(node)] = node
         own: set[int] | None = None  # never reach into an outer graph from a subgraph
         while work:
             t = work.pop()
@@ -127,5 +131,11 @@ class GraphEdit:
             work.extend(producer.inputs)
             producer.inputs.clear()
             producer.outputs.clear()
-            dead.add(id(producer))
-        graph.nodes = [n for n in graph.nodes if id(n) not in dead]
+            dead[id(producer)] = producer
+
+    def prune(self) -> None:
+        """Take the nodes `remove_dead` cut off out of `graph.nodes` (the others keep their order)."""
+        if self.dead:
+            dead = self.dead
+            self.graph.nodes = [n for n in self.graph.nodes if id(n) not in dead]
+            dead.clear()

@@ -115,10 +115,16 @@ def apply_plan(plan: Plan, edit: GraphEdit) -> None:
     A plan made in place is already applied: only the statuses change (and `edit.modified` learns
     what the folds changed, as a replay would have told it).
     """
+    edits: dict[int, GraphEdit] = {}  # one per graph, each pruned once at the end (`GraphEdit.prune`)
     for planned in plan.folds:
         if not plan.applied:
-            planned.fold.rule.apply(planned.fold, edit.for_graph(planned.graph))
+            graph_edit = edits.get(id(planned.graph))
+            if graph_edit is None:
+                graph_edit = edits[id(planned.graph)] = edit.for_graph(planned.graph)
+            planned.fold.rule.apply(planned.fold, graph_edit)
         planned.candidate.status = Status.FOLDED
+    for graph_edit in edits.values():
+        graph_edit.prune()
     if plan.applied:
         edit.modified |= plan.modified
 
@@ -151,6 +157,7 @@ def _plan_graph(ctx: PlanContext, edit: GraphEdit, plan: Plan, path: str) -> Non
             later.append(chain)
     for chain in later:
         _plan_chain(chain, ctx, edit, plan, path, may_wait=False)
+    edit.prune()  # the folded nodes leave graph.nodes once, before its subgraphs are looked for
     for node in list(graph.nodes):
         for key, value in node.attrs.items():
             if isinstance(value, gs.Graph):
