@@ -39,7 +39,10 @@ def display(node: gs.Node) -> str:
 
 
 def is_graph_output(tensor: gs.Tensor, graph: gs.Graph) -> bool:
-    return any(t is tensor for t in graph.outputs)
+    for t in graph.outputs:  # by identity (gs compares tensors by value); a loop, not any(): it runs per step and rule
+        if t is tensor:
+            return True
+    return False
 
 
 def batchnorm_step(node: gs.Node, resolver: ConstantResolver) -> AffineStep | SkipReason:
