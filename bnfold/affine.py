@@ -70,11 +70,11 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     """
     gamma, beta, mean, var = as_f64(gamma).reshape(-1), as_f64(beta).reshape(-1), as_f64(mean).reshape(-1), as_f64(var).reshape(-1)
     with np.errstate(invalid="ignore", divide="ignore"):  # broken channels are reported below, not warned about
-        var_eps = var + F64(epsilon)
-        scale = gamma / np.sqrt(var_eps)
+        denom = np.sqrt(var + F64(epsilon))
+        scale = gamma / denom
     shift = beta - scale * mean
     notes: list[str] = []
-    if scale.size and _unremarkable(gamma, var, var_eps, scale, shift):
+    if scale.size and _unremarkable(var, scale, shift):
         return Affine(scale, shift, notes)
     # σ² = 0: the running variance collapsed and ε alone sets the scale.
     fragile = np.flatnonzero((np.abs(scale) > FRAGILE_SCALE) | (var == 0))
@@ -98,20 +98,22 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     return Affine(scale, shift, notes)
 
 
-def _unremarkable(gamma: np.ndarray, var: np.ndarray, var_eps: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> bool:
-    """True when `batchnorm_affine` has nothing to note: a handful of reductions instead of its ~20 array operations.
+def _unremarkable(var: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> bool:
+    """True when `batchnorm_affine` has nothing to note: four reductions instead of its ~20 array operations.
 
-    Sufficient, never necessary (False just means the full checks run): ``max|s| ≤ FRAGILE_SCALE`` (NaN fails
-    it) and no ``σ² = 0`` leave no fragile channel; ``σ²+ε > 0`` with ``s`` finite makes ``γ = s·√(σ²+ε)``
-    finite (an infinite γ gives ``s = ±inf`` or, over ``σ² = inf``, NaN), and a finite ``t = β − s·μ`` makes
-    β and μ finite: no broken channel; no ``γ = 0``: no dead one. Non-empty arrays only.
+    Sufficient, never necessary (False just means the full checks run); non-empty arrays only.
+    ``max|s| ≤ FRAGILE_SCALE`` (NaN fails it) and ``min σ² > 0`` leave no fragile channel. A finite ``s``
+    also means ``σ²+ε > 0`` (``√`` of 0 or less gives ``s = ±inf`` or NaN) and a finite ``γ = s·√(σ²+ε)``
+    (an infinite γ gives ``s = ±inf``, or NaN over ``σ² = inf``); a finite sum of ``t = β − s·μ`` (a NaN or
+    infinite element makes it NaN or infinite; finite ones that overflow it only make this False) means
+    finite β and μ: no broken channel. ``min|s| > 0`` leaves no ``γ = 0``: no dead channel.
     """
+    magnitude = np.abs(scale)
     return bool(
-        np.maximum.reduce(np.abs(scale)) <= FRAGILE_SCALE
-        and np.minimum.reduce(var_eps) > 0
-        and np.isfinite(shift).all()
-        and var.all()
-        and gamma.all()
+        np.maximum.reduce(magnitude) <= FRAGILE_SCALE
+        and np.minimum.reduce(magnitude) > 0
+        and np.minimum.reduce(var) > 0
+        and math.isfinite(float(np.add.reduce(shift)))
     )
 
 
@@ -174,10 +176,10 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
     except ValueError:  # not a float type: nothing to prove
         return False
     s = np.abs(np.asarray(scale, F64))
-    s_hi = float(s.max()) if s.size else math.nan
+    s_hi = float(np.maximum.reduce(s, axis=None)) if s.size else math.nan
     if v.size == 0 or not math.isfinite(s_hi) or s_hi == 0:  # NaN/inf scale, or all zero: compute
         return False
-    s_lo = float(s.min())  # no NaN here (s_hi is finite); the smallest non-zero |s| is what matters
+    s_lo = float(np.minimum.reduce(s, axis=None))  # no NaN here (s_hi is finite); the smallest non-zero |s| matters
     if not s_lo > 0:
         s_lo = float(np.min(s, where=s > 0, initial=np.inf))
     # Python floats from here: IEEE double arithmetic like numpy's float64, without per-call numpy overhead
@@ -187,7 +189,7 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
     hi, lo = 0.0, math.inf
     for start in range(0, flat.size, BLOCK_ELEMENTS):
         mag = np.abs(flat[start : start + BLOCK_ELEMENTS], out=buf[: min(BLOCK_ELEMENTS, flat.size - start)])
-        top, bottom = float(mag.max()), float(mag.min())
+        top, bottom = float(np.maximum.reduce(mag)), float(np.minimum.reduce(mag))
         if not math.isfinite(top):  # inf or NaN somewhere: let the real computation say what happens
             return False
         if bottom == 0:  # zeros fold to zeros: the smallest non-zero magnitude is what matters
@@ -196,11 +198,46 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
     top_product, bottom_product = s_hi * hi, (s_lo * lo if math.isfinite(lo) else 1.0)
     if not math.isfinite(top_product) or bottom_product <= 0:  # the float64 product itself over/underflowed
         return False
+    # the largest product must stay finite, the smallest normal (one that rounds to 0 or a subnormal is inconclusive)
+    if dt in _NATIVE_FLOATS:  # where rounding to float16/32/64 crosses those lines, found once (`_rounding_limits`)
+        if dt not in _ROUNDING_LIMITS:
+            _ROUNDING_LIMITS[dt] = _rounding_limits(dt)
+        limits = _ROUNDING_LIMITS[dt]
+        if limits is not None:
+            return top_product < limits[0] and bottom_product >= limits[1]
     extremes = np.array([top_product, bottom_product], F64)
     with np.errstate(over="ignore"):  # the rounding `round_to_dtype` does, without its checks: they are the question
         rounded = (_round_to_bfloat16(extremes) if BFLOAT16 is not None and dt == BFLOAT16 else extremes.astype(dt)).astype(F64)
-    # the largest product must stay finite, the smallest normal (one that rounds to 0 or a subnormal is inconclusive)
     return bool(math.isfinite(rounded[0]) and abs(rounded[1]) >= tiny)
+
+
+def _rounding_limits(dtype: np.dtype) -> tuple[float, float] | None:
+    """``(overflows_from, normal_from)``: the smallest positive float64 values whose rounding to `dtype`
+    (``astype``, as `round_to_dtype` does) is infinite, and is at least the smallest normal.
+
+    Rounding is monotonic, so ``round(x)`` is finite iff ``x < overflows_from`` and normal (or more) iff
+    ``x ≥ normal_from``: `scaling_rounds_cleanly` compares two floats instead of rounding an array.
+    Round-to-nearest-even puts them halfway: past the largest finite value by half its spacing (the tie
+    goes to infinity, the largest value's last bit being odd), and below the smallest normal by half the
+    smallest subnormal (the tie goes to the normal). Each is checked with numpy's own cast, together with
+    the float64 just below it; None (round the array) should that ever disagree.
+    """
+    info = _finfo_cached(dtype)
+    if dtype == np.dtype(F64):  # rounding is the identity
+        return math.inf, float(info.tiny)
+    top = info.max  # its spacing, that of its binade: from the value below it (np.spacing would overflow)
+    over = float(top) + (float(top) - float(np.nextafter(top, top.dtype.type(0)))) / 2
+    normal = float(info.tiny) - float(info.smallest_subnormal) / 2
+    probe = np.array([over, np.nextafter(over, 0.0), normal, np.nextafter(normal, 0.0)], F64)
+    with np.errstate(over="ignore"):
+        r = probe.astype(dtype).astype(F64)
+    if math.isinf(r[0]) and math.isfinite(r[1]) and r[2] >= info.tiny and r[3] < info.tiny:
+        return over, normal
+    return None
+
+
+_ROUNDING_LIMITS: dict[np.dtype, tuple[float, float] | None] = {}
+_NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def fold_into_conv_rounded(
