@@ -101,6 +101,13 @@ class ConstantResolver:
             return Resolved(None, SkipReason(Reason.NOT_CONSTANT, "missing input"))
         return self._memoised(tensor, depth=0)
 
+    def plain(self, tensor: gs.Tensor) -> np.ndarray | None:
+        """The value `resolve` gives a plain constant (one no caller can override), read directly: no memo,
+        nothing evaluated; None for any other tensor. For callers that read many at once."""
+        if isinstance(tensor, gs.Constant) and tensor.name not in self.overridable:
+            return _values(tensor)
+        return None
+
     def forget(self, tensor: gs.Tensor) -> None:
         """Drop a memoised value after the fold rewrote the tensor."""
         self._memo.pop(id(tensor), None)

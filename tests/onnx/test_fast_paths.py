@@ -145,3 +145,89 @@ def test_rounding_limits_are_where_numpy_rounding_crosses(dtype) -> None:
         return float(np.array([hi], np.int64).view(np.float64)[0])
 
     assert A._rounding_limits(dtype) == (first(np.isinf), first(lambda r: r >= tiny))
+
+
+def batchnorm_graph(stats: list[tuple[list[np.ndarray], float | None]]) -> gs.Graph:
+    """One BatchNormalization per entry (parameters as initializers, epsilon absent where None), in a row."""
+    nodes, x = [], gs.Variable("x", np.float32, None)
+    for i, (params, eps) in enumerate(stats):
+        y = gs.Variable(f"y{i}", np.float32, None)
+        consts = [gs.Constant(f"bn{i}.{k}", gs.ir.tensor.LazyValues(onnx.numpy_helper.from_array(p, f"bn{i}.{k}")))
+                  for k, p in zip("gbmv", params)]
+        nodes.append(gs.Node("BatchNormalization", f"bn{i}", {} if eps is None else {"epsilon": eps}, inputs=[x, *consts], outputs=[y]))
+        x = y
+    return gs.Graph(nodes=nodes, inputs=[nodes[0].inputs[0]], outputs=[x])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(batchnorm_params(), min_size=1, max_size=6), st.lists(st.sampled_from([None, 1e-5, 1e-3, 0.0]), min_size=6, max_size=6))
+def test_batchnorms_done_at_once_equal_each_done_alone(cases, epsilons) -> None:
+    """`chain.batchnorm_affines` (every plain BatchNorm of the graph in one pass) gives each BatchNorm the bits
+    and the notes `batchnorm_step` gives it alone, whatever the others hold (NaN, zeros, dtypes)."""
+    from bnfold.onnx.chain import batchnorm_affines, batchnorm_step
+
+    graph = batchnorm_graph([(params, eps) for (params, _), eps in zip(cases, epsilons)])
+    resolver = constants.ConstantResolver(set(), False, {}, 17)
+    with np.errstate(all="ignore"):
+        table = batchnorm_affines(graph.nodes, resolver)
+        assert set(table) == {id(n) for n in graph.nodes}
+        for node in graph.nodes:
+            alone, together = batchnorm_step(node, resolver), batchnorm_step(node, resolver, table)
+            assert same_bits(alone.affine.scale, together.affine.scale) and same_bits(alone.affine.shift, together.affine.shift)
+            assert alone.affine.notes == together.affine.notes
+
+
+def test_a_batchnorm_whose_parameters_changed_is_done_again() -> None:
+    from bnfold.onnx.chain import batchnorm_affines, batchnorm_step
+
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(4).astype(np.float32) for _ in range(3)] + [rng.uniform(0.5, 1, 4).astype(np.float32)]
+    graph = batchnorm_graph([(params, None)])
+    resolver = constants.ConstantResolver(set(), False, {}, 17)
+    (node,) = graph.nodes
+    table = batchnorm_affines(graph.nodes, resolver)
+    node.inputs[4].values = params[3] * 4  # a fold wrote it: the precomputed map is stale
+    resolver.forget(node.inputs[4])
+    want = A.batchnorm_affine(*params[:3], params[3] * 4, epsilon=float(np.float32(1e-5)))
+    assert same_bits(batchnorm_step(node, resolver, table).affine.scale, want.scale)
+    node.inputs[4] = gs.Constant("other", params[3])  # another tensor altogether
+    assert same_bits(batchnorm_step(node, resolver, table).affine.scale, A.batchnorm_affine(*params, epsilon=float(np.float32(1e-5))).scale)
+
+
+def test_only_plain_batchnorms_are_done_at_once() -> None:
+    from bnfold.onnx.chain import batchnorm_affines
+
+    rng = np.random.default_rng(4)
+    plain = [rng.standard_normal(3).astype(np.float32) for _ in range(3)] + [np.ones(3, np.float32)]
+    graph = batchnorm_graph([(plain, None)] * 4)
+    a, b, c, d = graph.nodes
+    b.attrs["training_mode"] = 1  # refused before its parameters are read
+    c.inputs[2] = gs.Variable("beta_at_run_time", np.float32, [3])  # not a constant
+    table = batchnorm_affines(graph.nodes, constants.ConstantResolver({"bn3.m"}, True, {}, 17))  # d: an overridable input
+    assert set(table) == {id(a)}
+
+
+def test_batchnorms_done_at_once_keep_every_note() -> None:
+    """One BatchNorm per kind of note (σ² = 0 with a modest scale, a huge scale, NaN μ, γ = 0, σ²+ε < 0, inf β)
+    between clean ones: each gets its notes, the clean ones none."""
+    from bnfold.onnx.chain import batchnorm_affines, batchnorm_step
+
+    clean = [np.array([1.0, -0.5], np.float32), np.array([0.1, 0.2], np.float32), np.array([0.0, 1.0], np.float32), np.array([1.0, 2.0], np.float32)]
+
+    def odd(k: int, value: float) -> list[np.ndarray]:
+        params = [p.copy() for p in clean]
+        params[k][1] = value
+        return params
+
+    cases = [clean, odd(3, 0.0), clean, odd(0, 1e6), odd(2, np.nan), odd(0, 0.0), odd(3, -1.0), odd(1, np.inf), clean]
+    graph = batchnorm_graph([(p, 1e-3) for p in cases])
+    resolver = constants.ConstantResolver(set(), False, {}, 17)
+    with np.errstate(all="ignore"):
+        table = batchnorm_affines(graph.nodes, resolver)
+        notes = []
+        for node in graph.nodes:
+            alone, together = batchnorm_step(node, resolver), batchnorm_step(node, resolver, table)
+            assert same_bits(alone.affine.scale, together.affine.scale) and same_bits(alone.affine.shift, together.affine.shift)
+            assert alone.affine.notes == together.affine.notes
+            notes.append(len(together.affine.notes))
+    assert notes == [0, 1, 0, 1, 1, 1, 1, 1, 0]
