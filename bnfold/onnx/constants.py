@@ -216,20 +216,23 @@ class ConstantResolver:
 def _values(tensor: gs.Constant) -> np.ndarray:
     """The constant's values, read without caching them in the graph (a weight is read once, then replaced)."""
     values = tensor._values
-    if isinstance(values, gs.ir.tensor.LazyValues):
+    if isinstance(values, _LazyValues):
         proto = values.tensor
         dtype = _RAW_DTYPES.get(proto.data_type)
-        if (
-            dtype is not None
-            and proto.data_location != onnx.TensorProto.EXTERNAL
-            and proto.HasField("raw_data")
-            and not proto.HasField("segment")
-        ):
+        if dtype is not None and proto.data_location != _EXTERNAL and proto.HasField("raw_data") and not proto.HasField("segment"):
             # `onnx.numpy_helper.to_array`'s own path for such a tensor, without its per-call lookups:
             # 4 of 5 tensors a fold reads are a BatchNorm's small parameters, where those dominate.
-            return np.frombuffer(proto.raw_data, dtype=dtype).reshape(proto.dims)
+            array = np.frombuffer(proto.raw_data, dtype=dtype)
+            dims = proto.dims
+            if len(dims) == 1 and dims[0] == array.shape[0]:  # already what reshape(dims) would give
+                return array
+            return array.reshape(dims)
         return np.asarray(read_tensor(proto))  # also reads a reference to an external file
     return np.asarray(tensor.values)
+
+
+_LazyValues = gs.ir.tensor.LazyValues
+_EXTERNAL = onnx.TensorProto.EXTERNAL
 
 
 # Element types whose inline raw_data `_values` reads directly: those whose bytes are the numpy array's,

@@ -108,6 +108,21 @@ def test_values_of_inline_raw_data_equal_to_array(dtype, shape) -> None:
     assert same_bits(got, want)
 
 
+@pytest.mark.parametrize("dims", [[4], [6], [-1], [5, 1], []])
+def test_values_of_raw_data_that_does_not_fit_its_dims_fail_or_pass_as_to_array(dims) -> None:
+    proto = onnx.numpy_helper.from_array(np.arange(5, dtype=np.float32), "t")
+    del proto.dims[:]
+    proto.dims.extend(dims)
+    const = gs.Constant("t", gs.ir.tensor.LazyValues(proto))
+    try:
+        want = onnx.numpy_helper.to_array(proto)
+    except ValueError:
+        with pytest.raises(ValueError):
+            constants._values(const)
+        return
+    assert same_bits(constants._values(const), want)
+
+
 def test_values_of_other_encodings_still_go_through_onnx() -> None:
     as_floats = onnx.helper.make_tensor("f", onnx.TensorProto.FLOAT, [2], [1.5, -2.0])  # float_data, not raw
     assert not as_floats.HasField("raw_data")
