@@ -95,6 +95,11 @@ class ConstantResolver:
         # a tensor that a fold removed would otherwise be freed, and a new one created at the same address
         # (a folded bias, say) would be handed the old one's value.
         self._memo: dict[int, tuple[gs.Tensor, Resolved]] = {}
+        # A computed constant's node with small inputs, by everything its evaluation reads (`_evaluation_key`):
+        # a dynamo export computes every conv bias as Expand(CastLike(0, x), Shape(W)[0]), the same few
+        # nodes over and over, each a one-node model for shape inference and for the reference runtime.
+        self._predicted: dict[tuple, list[int] | None] = {}
+        self._evaluated: dict[tuple, list[np.ndarray] | _Failed] = {}
 
     def resolve(self, tensor: gs.Tensor | None) -> Resolved:
         if tensor is None:
@@ -162,14 +167,21 @@ class ConstantResolver:
                 code = r.reason.code if r.reason else Reason.NOT_CONSTANT
                 return Resolved(None, SkipReason(code, f"'{tensor.name}' depends on {msg}"))
             inputs.append(r.value)
-        refusal = self._afford(node, inputs)
+        key = _evaluation_key(node, inputs)
+        refusal = self._afford(node, inputs, key)
         if refusal is not None:
             return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) {refusal}"))
-        try:
-            outputs = _evaluate(node, inputs, self.opset)
-        except Exception as exc:  # the reference runtime lacks an op or the inputs are odd
+        outputs = self._evaluated.get(key) if key is not None else None
+        if outputs is None:
+            try:
+                outputs = _evaluate(node, inputs, self.opset)
+            except Exception as exc:  # the reference runtime lacks an op or the inputs are odd
+                outputs = _Failed(_short(exc))
+            if key is not None:
+                self._evaluated[key] = outputs
+        if isinstance(outputs, _Failed):
             return Resolved(
-                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) could not be evaluated: {_short(exc)}")
+                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) could not be evaluated: {outputs.message}")
             )
         idx = [o.name for o in node.outputs].index(tensor.name)
         value = np.asarray(outputs[idx])
@@ -177,14 +189,21 @@ class ConstantResolver:
             return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' is too large to evaluate"))
         return Resolved(value)
 
-    def _afford(self, node: gs.Node, inputs: list[np.ndarray | None]) -> str | None:
+    def _afford(self, node: gs.Node, inputs: list[np.ndarray | None], key: tuple | None = None) -> str | None:
         """Why `node` must not be evaluated (None: go ahead, the budget is charged).
 
         The output's size is found *before* anything is allocated: by onnx shape inference on the node
         alone, fed the actual input shapes and its small integer inputs (shapes, repeats, pads) as
-        values. An op that can expand its inputs is refused when that size stays unknown.
+        values. An op that can expand its inputs is refused when that size stays unknown. ``key``: the
+        node's `_evaluation_key`, under which that inference is remembered (the budget is charged
+        every time).
         """
-        shape = _predict_shape(node, inputs, self.opset)
+        if key is not None and key in self._predicted:
+            shape = self._predicted[key]
+        else:
+            shape = _predict_shape(node, inputs, self.opset)
+            if key is not None:
+                self._predicted[key] = shape
         if shape is None:
             shape = _static_shape(node.outputs[0], self.shapes) if node.outputs else None
         in_sizes = [int(v.size) for v in inputs if v is not None]
@@ -211,6 +230,55 @@ class ConstantResolver:
         end = node.attrs.get("end")
         sliced = shape[start:] if end is None else shape[start : int(end)]
         return Resolved(np.array(sliced, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An evaluation that raised, and what it said."""
+
+    message: str
+
+
+KEY_INPUT_BYTES = 1 << 12
+"""Inputs up to this size (each) let a node's evaluation be remembered (`_evaluation_key`); a larger one
+(a Transpose of a weight, say) is evaluated every time, as it is met once anyway."""
+
+
+def _evaluation_key(node: gs.Node, inputs: list[np.ndarray | None]) -> tuple | None:
+    """Everything `_predict_shape` and `_evaluate` read of a node and its inputs, as a dict key: its op,
+    domain, number of outputs, attributes, and each input's dtype, shape and bytes (the opset is the
+    resolver's). None where that cannot be said exactly and cheaply: a large or object input, an
+    attribute of another kind than numbers, strings and small tensors (or a NaN, which equals nothing)."""
+    parts: list[object] = [node.op, node.domain or "", len(node.outputs)]
+    for value in inputs:
+        if value is None:
+            parts.append(None)
+            continue
+        if value.nbytes > KEY_INPUT_BYTES or value.dtype.hasobject:
+            return None
+        parts.append((value.dtype, value.shape, value.tobytes()))
+    for name in sorted(node.attrs):
+        attr = _attribute_key(node.attrs[name])
+        if attr is None:
+            return None
+        parts.append((name, attr))
+    return tuple(parts)
+
+
+def _attribute_key(value: object) -> tuple | None:
+    if isinstance(value, (bool, int, str, bytes)):  # bool before int: True and 1 are different attributes
+        return (type(value).__name__, value)
+    if isinstance(value, float):
+        return None if value != value else ("float", value.hex())  # hex: -0.0 is not 0.0
+    if isinstance(value, (list, tuple)):
+        items = [_attribute_key(v) for v in value]
+        return None if any(i is None for i in items) else (type(value).__name__, tuple(items))
+    if isinstance(value, gs.Constant):
+        array = _values(value)
+        if array.nbytes > KEY_INPUT_BYTES or array.dtype.hasobject:
+            return None
+        return ("tensor", array.dtype, array.shape, array.tobytes())
+    return None
 
 
 def _values(tensor: gs.Constant) -> np.ndarray:
