@@ -246,3 +246,26 @@ def test_batchnorms_done_at_once_keep_every_note() -> None:
             assert alone.affine.notes == together.affine.notes
             notes.append(len(together.affine.notes))
     assert notes == [0, 1, 0, 1, 1, 1, 1, 1, 0]
+
+
+def test_remove_dead_knows_the_nodes_appended_since_it_last_looked() -> None:
+    """`GraphEdit` keeps the ids of its graph's nodes across folds; one appended since (a bias Add) is still
+    this graph's, so a later fold that leaves it unused removes it."""
+    from bnfold.onnx.fold import GraphEdit
+
+    x, out = gs.Variable("x", np.float32, [2]), gs.Variable("out", np.float32, [2])
+    keep = gs.Node("Relu", "keep", inputs=[x], outputs=[out])
+
+    def pair(i: int) -> tuple[gs.Node, gs.Node]:
+        t, u = gs.Variable(f"t{i}", np.float32, [2]), gs.Variable(f"u{i}", np.float32, [2])
+        source = gs.Node("Identity", f"source{i}", inputs=[gs.Constant(f"c{i}", np.ones(2, np.float32))], outputs=[t])
+        return source, gs.Node("Neg", f"user{i}", inputs=[t], outputs=[u])
+
+    first, second = pair(1), pair(2)
+    graph = gs.Graph(nodes=[keep, *first], inputs=[x], outputs=[out])
+    edit = GraphEdit(graph, set())
+    edit.remove_dead([first[1]])  # reaches source1 through t1: the ids of graph.nodes are taken here
+    graph.nodes.extend(second)  # as add_bias_after appends
+    edit.remove_dead([second[1]])
+    edit.prune()
+    assert [n.name for n in graph.nodes] == ["keep"]
