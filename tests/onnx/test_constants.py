@@ -230,7 +230,7 @@ def test_a_new_tensor_at_a_freed_tensors_address_is_not_given_its_value() -> Non
     assert resolver.resolve(new).value.tolist() == [2, 2, 2]
 
 
-def _expands(k: int) -> "onnx_graphsurgeon.Graph":
+def _expands(k: int):
     """k tensors, each Expand(zero, [4]) by a node of its own: the same evaluation k times."""
     import onnx_graphsurgeon as gs
 
