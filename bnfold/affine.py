@@ -68,12 +68,14 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     Also notes the channels a user should know about: a tiny ``σ²+ε`` (huge scale: the original model
     already amplifies noise there) and ``γ = 0`` (a dead channel: its output is the constant β).
     """
-    gamma, beta, mean, var = (as_f64(a).reshape(-1) for a in (gamma, beta, mean, var))
+    gamma, beta, mean, var = as_f64(gamma).reshape(-1), as_f64(beta).reshape(-1), as_f64(mean).reshape(-1), as_f64(var).reshape(-1)
     with np.errstate(invalid="ignore", divide="ignore"):  # broken channels are reported below, not warned about
         denom = np.sqrt(var + F64(epsilon))
         scale = gamma / denom
     shift = beta - scale * mean
     notes: list[str] = []
+    if scale.size and _unremarkable(var, scale, shift):
+        return Affine(scale, shift, notes)
     # σ² = 0: the running variance collapsed and ε alone sets the scale.
     fragile = np.flatnonzero((np.abs(scale) > FRAGILE_SCALE) | (var == 0))
     if fragile.size:
@@ -94,6 +96,25 @@ def batchnorm_affine(gamma, beta, mean, var, epsilon: float) -> Affine:
     if dead.size:
         notes.append(f"{dead.size} dead channel(s) with gamma = 0 (constant output): channels {_channel_list(dead)}")
     return Affine(scale, shift, notes)
+
+
+def _unremarkable(var: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> bool:
+    """True when `batchnorm_affine` has nothing to note: four reductions instead of its ~20 array operations.
+
+    Sufficient, never necessary (False just means the full checks run); non-empty arrays only.
+    ``max|s| ≤ FRAGILE_SCALE`` (NaN fails it) and ``min σ² > 0`` leave no fragile channel. A finite ``s``
+    also means ``σ²+ε > 0`` (``√`` of 0 or less gives ``s = ±inf`` or NaN) and a finite ``γ = s·√(σ²+ε)``
+    (an infinite γ gives ``s = ±inf``, or NaN over ``σ² = inf``); a finite sum of ``t = β − s·μ`` (a NaN or
+    infinite element makes it NaN or infinite; finite ones that overflow it only make this False) means
+    finite β and μ: no broken channel. ``min|s| > 0`` leaves no ``γ = 0``: no dead channel.
+    """
+    magnitude = np.abs(scale)
+    return bool(
+        np.maximum.reduce(magnitude) <= FRAGILE_SCALE
+        and np.minimum.reduce(magnitude) > 0
+        and np.minimum.reduce(var) > 0
+        and math.isfinite(float(np.add.reduce(shift)))
+    )
 
 
 def _channel_list(idx: np.ndarray, limit: int = 8) -> str:
@@ -132,7 +153,10 @@ class StandIn(np.ndarray):
 
 def stand_in(shape: tuple[int, ...], dtype: np.dtype) -> StandIn:
     """A read-only array of `shape` and `dtype` that costs one element of memory (every stride 0)."""
-    return np.broadcast_to(np.zeros((), dtype=np.dtype(dtype)), shape).view(StandIn)
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    # what `np.broadcast_to(np.zeros((), dtype), shape)` makes (read-only, every stride 0), built directly
+    return StandIn(shape, dtype, buffer=bytes(dtype.itemsize), strides=(0,) * len(shape))
 
 
 def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> bool:
@@ -148,21 +172,24 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
     v = np.asarray(values)
     dt = np.dtype(dtype)
     try:
-        tiny = float(finfo(dt).tiny)
+        tiny = float(_finfo_cached(dt).tiny)
     except ValueError:  # not a float type: nothing to prove
         return False
     s = np.abs(np.asarray(scale, F64))
-    s_hi = float(s.max()) if s.size else math.nan
+    s_hi = float(np.maximum.reduce(s, axis=None)) if s.size else math.nan
     if v.size == 0 or not math.isfinite(s_hi) or s_hi == 0:  # NaN/inf scale, or all zero: compute
         return False
-    s_lo = float(np.min(s, where=s > 0, initial=np.inf))
+    s_lo = float(np.minimum.reduce(s, axis=None))  # no NaN here (s_hi is finite); the smallest non-zero |s| matters
+    if not s_lo > 0:
+        s_lo = float(np.min(s, where=s > 0, initial=np.inf))
     # Python floats from here: IEEE double arithmetic like numpy's float64, without per-call numpy overhead
     flat = v.reshape(-1)
-    buf = np.empty(min(flat.size, BLOCK_ELEMENTS), v.dtype)  # one cache-sized buffer, not a copy of v
+    # a small weight (most of a MobileNet's) in one piece; a large one through one cache-sized buffer, not a copy
+    buf = np.empty(flat.size, v.dtype) if flat.size <= BLOCK_ELEMENTS else np.empty(BLOCK_ELEMENTS, v.dtype)
     hi, lo = 0.0, math.inf
     for start in range(0, flat.size, BLOCK_ELEMENTS):
         mag = np.abs(flat[start : start + BLOCK_ELEMENTS], out=buf[: min(BLOCK_ELEMENTS, flat.size - start)])
-        top, bottom = float(mag.max()), float(mag.min())
+        top, bottom = float(np.maximum.reduce(mag)), float(np.minimum.reduce(mag))
         if not math.isfinite(top):  # inf or NaN somewhere: let the real computation say what happens
             return False
         if bottom == 0:  # zeros fold to zeros: the smallest non-zero magnitude is what matters
@@ -171,11 +198,46 @@ def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtyp
     top_product, bottom_product = s_hi * hi, (s_lo * lo if math.isfinite(lo) else 1.0)
     if not math.isfinite(top_product) or bottom_product <= 0:  # the float64 product itself over/underflowed
         return False
+    # the largest product must stay finite, the smallest normal (one that rounds to 0 or a subnormal is inconclusive)
+    if dt in _NATIVE_FLOATS:  # where rounding to float16/32/64 crosses those lines, found once (`_rounding_limits`)
+        if dt not in _ROUNDING_LIMITS:
+            _ROUNDING_LIMITS[dt] = _rounding_limits(dt)
+        limits = _ROUNDING_LIMITS[dt]
+        if limits is not None:
+            return top_product < limits[0] and bottom_product >= limits[1]
     extremes = np.array([top_product, bottom_product], F64)
     with np.errstate(over="ignore"):  # the rounding `round_to_dtype` does, without its checks: they are the question
         rounded = (_round_to_bfloat16(extremes) if BFLOAT16 is not None and dt == BFLOAT16 else extremes.astype(dt)).astype(F64)
-    # the largest product must stay finite, the smallest normal (one that rounds to 0 or a subnormal is inconclusive)
     return bool(math.isfinite(rounded[0]) and abs(rounded[1]) >= tiny)
+
+
+def _rounding_limits(dtype: np.dtype) -> tuple[float, float] | None:
+    """``(overflows_from, normal_from)``: the smallest positive float64 values whose rounding to `dtype`
+    (``astype``, as `round_to_dtype` does) is infinite, and is at least the smallest normal.
+
+    Rounding is monotonic, so ``round(x)`` is finite iff ``x < overflows_from`` and normal (or more) iff
+    ``x ≥ normal_from``: `scaling_rounds_cleanly` compares two floats instead of rounding an array.
+    Round-to-nearest-even puts them halfway: past the largest finite value by half its spacing (the tie
+    goes to infinity, the largest value's last bit being odd), and below the smallest normal by half the
+    smallest subnormal (the tie goes to the normal). Each is checked with numpy's own cast, together with
+    the float64 just below it; None (round the array) should that ever disagree.
+    """
+    info = _finfo_cached(dtype)
+    if dtype == np.dtype(F64):  # rounding is the identity
+        return math.inf, float(info.tiny)
+    top = info.max  # its spacing, that of its binade: from the value below it (np.spacing would overflow)
+    over = float(top) + (float(top) - float(np.nextafter(top, top.dtype.type(0)))) / 2
+    normal = float(info.tiny) - float(info.smallest_subnormal) / 2
+    probe = np.array([over, np.nextafter(over, 0.0), normal, np.nextafter(normal, 0.0)], F64)
+    with np.errstate(over="ignore"):
+        r = probe.astype(dtype).astype(F64)
+    if math.isinf(r[0]) and math.isfinite(r[1]) and r[2] >= info.tiny and r[3] < info.tiny:
+        return over, normal
+    return None
+
+
+_ROUNDING_LIMITS: dict[np.dtype, tuple[float, float] | None] = {}
+_NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def fold_into_conv_rounded(
@@ -327,6 +389,17 @@ def finfo(dtype: np.dtype):
     return np.finfo(dtype)
 
 
+_FINFO: dict[np.dtype, object] = {}
+
+
+def _finfo_cached(dtype: np.dtype):
+    """`finfo` of a float dtype, looked up once (it runs for every folded tensor); a ValueError for any other."""
+    info = _FINFO.get(dtype)
+    if info is None:
+        info = _FINFO[dtype] = finfo(dtype)
+    return info
+
+
 def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float64 → bfloat16 rounded once to nearest, ties to even.
 
@@ -369,17 +442,19 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype, what: str) -> tuple[np.n
     else:
         with np.errstate(over="ignore"):
             out = v.astype(dtype)
-    if np.issubdtype(dtype, np.integer):
+    if dtype.kind != "f" and np.issubdtype(dtype, np.integer):
         return out, 0
     magnitude = np.abs(out)
-    if out.size and not np.isfinite(magnitude.max()):  # rare: find out whether a finite value overflowed
+    if out.size and not math.isfinite(float(magnitude.max())):  # rare: find out whether a finite value overflowed
         overflow = np.isfinite(v) & ~np.isfinite(out.astype(F64))
         if overflow.any():
             worst = float(np.max(np.abs(v[overflow])))
             raise FoldOverflowError(
                 f"folded {what} reaches {worst:.6g}, beyond the largest {dtype.name} ({float(finfo(dtype).max):.6g})"
             )
-    tiny = out.dtype.type(finfo(dtype).tiny)
+    tiny = out.dtype.type(_finfo_cached(dtype).tiny)
+    if dtype.kind == "f" and (not out.size or not np.fmin.reduce(magnitude, axis=None) < tiny):
+        return out, 0  # the common case, in one reduction (fmin skips NaN, which is never subnormal)
     with np.errstate(invalid="ignore"):  # NaN compares false: never counted as subnormal
         small = magnitude < tiny
         if not small.any():  # the common case: one pass, nothing to flush

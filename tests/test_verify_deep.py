@@ -145,9 +145,8 @@ def _monkeypatched_fold(monkeypatch, how: str) -> None:
     import bnfold.affine as A
     import bnfold.onnx.chain as chain
 
-    if how == "missing-epsilon":
-        real = chain.batchnorm_affine
-        monkeypatch.setattr(chain, "batchnorm_affine", lambda *p, epsilon: real(*p, epsilon=0.0))
+    if how == "missing-epsilon":  # every BatchNorm's epsilon, whether done alone or with the others, read as 0
+        monkeypatch.setattr(chain, "_epsilon", lambda node: 0.0)
     elif how == "wrong-axis":  # the scale along the input channels where the shapes let it through
         real_conv = A.fold_into_conv_rounded
 

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bnfold.affine import Affine, as_f64, batchnorm_affine
+from bnfold.affine import F64, FRAGILE_SCALE, Affine, as_f64, batchnorm_affine
 from bnfold.onnx.constants import ConstantResolver
 from bnfold.report import Reason, SkipReason
 
@@ -39,12 +39,47 @@ def display(node: gs.Node) -> str:
 
 
 def is_graph_output(tensor: gs.Tensor, graph: gs.Graph) -> bool:
-    return any(t is tensor for t in graph.outputs)
+    for t in graph.outputs:  # by identity (gs compares tensors by value); a loop, not any(): it runs per step and rule
+        if t is tensor:
+            return True
+    return False
 
 
-def batchnorm_step(node: gs.Node, resolver: ConstantResolver) -> AffineStep | SkipReason:
-    """A BatchNormalization as an affine step, or the reason it cannot be one."""
+def batchnorm_step(
+    node: gs.Node, resolver: ConstantResolver, precomputed: dict[int, PrecomputedAffine] | None = None
+) -> AffineStep | SkipReason:
+    """A BatchNormalization as an affine step, or the reason it cannot be one.
+
+    ``precomputed``: the graph's plain BatchNorms done at once (`batchnorm_affines`); a node found there
+    with the same parameter tensors, holding the same values, takes its (s, t) from it.
+    """
     name = display(node)
+    refusal = _batchnorm_refusal(node, resolver, name)
+    if refusal is not None:
+        return refusal
+    entry = precomputed.get(id(node)) if precomputed else None
+    if entry is not None and entry.matches(node):
+        affine = Affine(entry.affine.scale, entry.affine.shift, [f"{name}: {n}" for n in entry.affine.notes])
+        return AffineStep(node, affine, node.inputs[0])
+    params = []
+    for label, tensor in zip(("scale", "B", "mean", "var"), node.inputs[1:5]):
+        r = resolver.resolve(tensor)
+        if not r.ok:
+            assert r.reason is not None
+            return SkipReason(r.reason.code, f"'{name}' {label}: {r.reason.message}")
+        params.append(r.value)
+    if len(params) != 4:
+        return SkipReason(Reason.UNSUPPORTED, f"'{name}' lacks some of its 4 parameters")
+    sizes = {int(np.asarray(p).size) for p in params}
+    if len(sizes) != 1:
+        return SkipReason(Reason.SHAPE_MISMATCH, f"'{name}' parameters have different lengths {sorted(sizes)}")
+    affine = batchnorm_affine(*params, epsilon=_epsilon(node))
+    affine.notes = [f"{name}: {n}" for n in affine.notes]
+    return AffineStep(node, affine, node.inputs[0])
+
+
+def _batchnorm_refusal(node: gs.Node, resolver: ConstantResolver, name: str) -> SkipReason | None:
+    """Why `node` is no affine step whatever its parameters (training mode, per-element statistics)."""
     extra = [o for o in node.outputs[1:] if o.name]
     if int(node.attrs.get("training_mode", 0)) == 1 or extra:
         what = "training_mode=1" if int(node.attrs.get("training_mode", 0)) == 1 else "it has the training outputs"
@@ -58,23 +93,89 @@ def batchnorm_step(node: gs.Node, resolver: ConstantResolver) -> AffineStep | Sk
             Reason.UNSUPPORTED,
             f"'{name}' has spatial=0 (per-element statistics, opset < 9); only per-channel BatchNorm folds",
         )
-    params = []
-    for label, tensor in zip(("scale", "B", "mean", "var"), node.inputs[1:5]):
-        r = resolver.resolve(tensor)
-        if not r.ok:
-            assert r.reason is not None
-            return SkipReason(r.reason.code, f"'{name}' {label}: {r.reason.message}")
-        params.append(r.value)
-    if len(params) != 4:
-        return SkipReason(Reason.UNSUPPORTED, f"'{name}' lacks some of its 4 parameters")
-    sizes = {int(np.asarray(p).size) for p in params}
-    if len(sizes) != 1:
-        return SkipReason(Reason.SHAPE_MISMATCH, f"'{name}' parameters have different lengths {sorted(sizes)}")
+    return None
+
+
+def _epsilon(node: gs.Node) -> float:
     # The attribute is a float32: absent, it is float32(1e-5) = 9.99999974738e-06, as every runtime reads it.
-    epsilon = float(node.attrs.get("epsilon", np.float32(1e-5)))
-    affine = batchnorm_affine(*params, epsilon=epsilon)
-    affine.notes = [f"{name}: {n}" for n in affine.notes]
-    return AffineStep(node, affine, node.inputs[0])
+    return float(node.attrs.get("epsilon", np.float32(1e-5)))
+
+
+@dataclass
+class PrecomputedAffine:
+    """A BatchNorm's map as `batchnorm_affines` found it, and what it was computed from."""
+
+    node: gs.Node
+    tensors: tuple[gs.Tensor, ...]  # its four parameter inputs
+    values: tuple[object, ...]  # what each held (`Constant._values`): a value written since does not match
+    affine: Affine  # notes without the node's name
+
+    def matches(self, node: gs.Node) -> bool:
+        params = node.inputs[1:5]
+        return (
+            self.node is node
+            and len(params) == 4
+            and all(p is t and t._values is v for p, t, v in zip(params, self.tensors, self.values))
+        )
+
+
+NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def batchnorm_affines(nodes: list[gs.Node], resolver: ConstantResolver) -> dict[int, PrecomputedAffine]:
+    """The (s, t) of every BatchNorm among `nodes` whose parameters are plain constants, in one pass.
+
+    Planning computes one map per BatchNorm, on arrays of a few hundred channels, where numpy's per-call
+    overhead is the cost, not the arithmetic. Here the parameters of all of them are concatenated and
+    the same float64 operations run once over the lot (elementwise, so every (s, t) has the bits
+    `batchnorm_affine` gives it), with its notes' conditions checked per element; a BatchNorm with any
+    channel to note is done again by `batchnorm_affine` itself, which writes the notes. Taken: standard
+    BatchNorms `batchnorm_step` would read the parameters of (not in training mode, not spatial=0), whose
+    four parameters are constants no caller overrides (`ConstantResolver.plain`), of one length and a
+    float16/32/64 type. Any other BatchNorm, or one whose parameters fail to read, is left to
+    `batchnorm_step`'s own reading, which meets the same failure at the same point.
+    """
+    picked: list[tuple[gs.Node, tuple[gs.Tensor, ...], list[np.ndarray], float]] = []
+    for node in nodes:
+        if node.op != "BatchNormalization" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) != 5:
+            continue
+        tensors = tuple(node.inputs[1:5])
+        try:
+            if _batchnorm_refusal(node, resolver, "") is not None:
+                continue
+            params = [resolver.plain(t) for t in tensors]
+            if any(p is None or p.dtype not in NATIVE_FLOATS for p in params):
+                continue
+            epsilon = _epsilon(node)
+        except Exception:  # odd attributes or unreadable data: batchnorm_step meets it again, as it always did
+            continue
+        size = params[0].size
+        if size == 0 or any(p.size != size for p in params):
+            continue
+        picked.append((node, tensors, params, epsilon))
+    if not picked:
+        return {}
+    sizes = np.array([p[2][0].size for p in picked])
+    gamma, beta, mean, var = (np.concatenate([p[2][k].reshape(-1) for p in picked], dtype=F64) for k in range(4))
+    epsilons = np.repeat(np.array([p[3] for p in picked], F64), sizes)
+    with np.errstate(all="ignore"):  # a BatchNorm that would warn has a channel to note: done again below
+        scale = gamma / np.sqrt(var + epsilons)
+        shift = beta - scale * mean
+        magnitude = np.abs(scale)
+        # `batchnorm_affine`'s notes need a channel with |s| > FRAGILE_SCALE or NaN, s = 0 (γ = 0), σ² = 0
+        # (or NaN, or negative), or a NaN/infinite t (a non-finite β, μ or γ, or σ²+ε <= 0 making s so)
+        remarkable = ~((magnitude <= FRAGILE_SCALE) & (magnitude > 0) & (var > 0) & np.isfinite(shift))
+    ends = np.cumsum(sizes)
+    counts = np.concatenate(([0], np.cumsum(remarkable)))
+    flagged = (counts[ends] - counts[ends - sizes]).tolist()
+    table: dict[int, PrecomputedAffine] = {}
+    for (node, tensors, params, eps), stop, size, notes in zip(picked, ends.tolist(), sizes.tolist(), flagged):
+        if notes:
+            affine = batchnorm_affine(*params, epsilon=eps)
+        else:
+            affine = Affine(scale[stop - size : stop], shift[stop - size : stop])
+        table[id(node)] = PrecomputedAffine(node, tensors, tuple(t._values for t in tensors), affine)
+    return table
 
 
 def elementwise_step(

@@ -11,6 +11,7 @@ onnx's reference implementation, so no operator semantics are re-written here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Collection
 
@@ -19,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from bnfold.onnx.io import read_tensor
 from bnfold.report import Reason, SkipReason
 
 NON_DETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -93,11 +95,23 @@ class ConstantResolver:
         # a tensor that a fold removed would otherwise be freed, and a new one created at the same address
         # (a folded bias, say) would be handed the old one's value.
         self._memo: dict[int, tuple[gs.Tensor, Resolved]] = {}
+        # A computed constant's node with small inputs, by everything its evaluation reads (`_evaluation_key`):
+        # a dynamo export computes every conv bias as Expand(CastLike(0, x), Shape(W)[0]), the same few
+        # nodes over and over, each a one-node model for shape inference and for the reference runtime.
+        self._predicted: dict[tuple, list[int] | None] = {}
+        self._evaluated: dict[tuple, list[np.ndarray] | _Failed] = {}
 
     def resolve(self, tensor: gs.Tensor | None) -> Resolved:
         if tensor is None:
             return Resolved(None, SkipReason(Reason.NOT_CONSTANT, "missing input"))
         return self._memoised(tensor, depth=0)
+
+    def plain(self, tensor: gs.Tensor) -> np.ndarray | None:
+        """The value `resolve` gives a plain constant (one no caller can override), read directly: no memo,
+        nothing evaluated; None for any other tensor. For callers that read many at once."""
+        if isinstance(tensor, gs.Constant) and tensor.name not in self.overridable:
+            return _values(tensor)
+        return None
 
     def forget(self, tensor: gs.Tensor) -> None:
         """Drop a memoised value after the fold rewrote the tensor."""
@@ -153,14 +167,21 @@ class ConstantResolver:
                 code = r.reason.code if r.reason else Reason.NOT_CONSTANT
                 return Resolved(None, SkipReason(code, f"'{tensor.name}' depends on {msg}"))
             inputs.append(r.value)
-        refusal = self._afford(node, inputs)
+        key = _evaluation_key(node, inputs)
+        refusal = self._afford(node, inputs, key)
         if refusal is not None:
             return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) {refusal}"))
-        try:
-            outputs = _evaluate(node, inputs, self.opset)
-        except Exception as exc:  # the reference runtime lacks an op or the inputs are odd
+        outputs = self._evaluated.get(key) if key is not None else None
+        if outputs is None:
+            try:
+                outputs = _evaluate(node, inputs, self.opset)
+            except Exception as exc:  # the reference runtime lacks an op or the inputs are odd
+                outputs = _Failed(_short(exc))
+            if key is not None:
+                self._evaluated[key] = outputs
+        if isinstance(outputs, _Failed):
             return Resolved(
-                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) could not be evaluated: {_short(exc)}")
+                None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' ({node.op}) could not be evaluated: {outputs.message}")
             )
         idx = [o.name for o in node.outputs].index(tensor.name)
         value = np.asarray(outputs[idx])
@@ -168,14 +189,21 @@ class ConstantResolver:
             return Resolved(None, SkipReason(Reason.NOT_CONSTANT, f"'{tensor.name}' is too large to evaluate"))
         return Resolved(value)
 
-    def _afford(self, node: gs.Node, inputs: list[np.ndarray | None]) -> str | None:
+    def _afford(self, node: gs.Node, inputs: list[np.ndarray | None], key: tuple | None = None) -> str | None:
         """Why `node` must not be evaluated (None: go ahead, the budget is charged).
 
         The output's size is found *before* anything is allocated: by onnx shape inference on the node
         alone, fed the actual input shapes and its small integer inputs (shapes, repeats, pads) as
-        values. An op that can expand its inputs is refused when that size stays unknown.
+        values. An op that can expand its inputs is refused when that size stays unknown. ``key``: the
+        node's `_evaluation_key`, under which that inference is remembered (the budget is charged
+        every time).
         """
-        shape = _predict_shape(node, inputs, self.opset)
+        if key is not None and key in self._predicted:
+            shape = self._predicted[key]
+        else:
+            shape = _predict_shape(node, inputs, self.opset)
+            if key is not None:
+                self._predicted[key] = shape
         if shape is None:
             shape = _static_shape(node.outputs[0], self.shapes) if node.outputs else None
         in_sizes = [int(v.size) for v in inputs if v is not None]
@@ -204,14 +232,90 @@ class ConstantResolver:
         return Resolved(np.array(sliced, dtype=np.int64))
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """An evaluation that raised, and what it said."""
+
+    message: str
+
+
+KEY_INPUT_BYTES = 1 << 12
+"""Inputs up to this size (each) let a node's evaluation be remembered (`_evaluation_key`); a larger one
+(a Transpose of a weight, say) is evaluated every time, as it is met once anyway."""
+
+
+def _evaluation_key(node: gs.Node, inputs: list[np.ndarray | None]) -> tuple | None:
+    """Everything `_predict_shape` and `_evaluate` read of a node and its inputs, as a dict key: its op,
+    domain, number of outputs, attributes, and each input's dtype, shape and bytes (the opset is the
+    resolver's). None where that cannot be said exactly and cheaply: a large or object input, an
+    attribute of another kind than numbers, strings and small tensors (or a NaN, which equals nothing)."""
+    parts: list[object] = [node.op, node.domain or "", len(node.outputs)]
+    for value in inputs:
+        if value is None:
+            parts.append(None)
+            continue
+        if value.nbytes > KEY_INPUT_BYTES or value.dtype.hasobject:
+            return None
+        parts.append((value.dtype, value.shape, value.tobytes()))
+    for name in sorted(node.attrs):
+        attr = _attribute_key(node.attrs[name])
+        if attr is None:
+            return None
+        parts.append((name, attr))
+    return tuple(parts)
+
+
+def _attribute_key(value: object) -> tuple | None:
+    if isinstance(value, (bool, int, str, bytes)):  # bool before int: True and 1 are different attributes
+        return (type(value).__name__, value)
+    if isinstance(value, float):
+        return None if value != value else ("float", value.hex())  # hex: -0.0 is not 0.0
+    if isinstance(value, (list, tuple)):
+        items = [_attribute_key(v) for v in value]
+        return None if any(i is None for i in items) else (type(value).__name__, tuple(items))
+    if isinstance(value, gs.Constant):
+        array = _values(value)
+        if array.nbytes > KEY_INPUT_BYTES or array.dtype.hasobject:
+            return None
+        return ("tensor", array.dtype, array.shape, array.tobytes())
+    return None
+
+
 def _values(tensor: gs.Constant) -> np.ndarray:
     """The constant's values, read without caching them in the graph (a weight is read once, then replaced)."""
     values = tensor._values
-    if isinstance(values, gs.ir.tensor.LazyValues):
-        from bnfold.onnx.io import read_tensor
-
-        return np.asarray(read_tensor(values.tensor))  # also reads a reference to an external file
+    if isinstance(values, _LazyValues):
+        proto = values.tensor
+        dtype = _RAW_DTYPES.get(proto.data_type)
+        if dtype is not None and proto.data_location != _EXTERNAL and proto.HasField("raw_data") and not proto.HasField("segment"):
+            # `onnx.numpy_helper.to_array`'s own path for such a tensor, without its per-call lookups:
+            # 4 of 5 tensors a fold reads are a BatchNorm's small parameters, where those dominate.
+            array = np.frombuffer(proto.raw_data, dtype=dtype)
+            dims = proto.dims
+            if len(dims) == 1 and dims[0] == array.shape[0]:  # already what reshape(dims) would give
+                return array
+            return array.reshape(dims)
+        return np.asarray(read_tensor(proto))  # also reads a reference to an external file
     return np.asarray(tensor.values)
+
+
+_LazyValues = gs.ir.tensor.LazyValues
+_EXTERNAL = onnx.TensorProto.EXTERNAL
+
+
+# Element types whose inline raw_data `_values` reads directly: those whose bytes are the numpy array's,
+# little-endian (onnx byte-swaps on a big-endian host, so there the reading is left to onnx).
+_RAW_DTYPES: dict[int, np.dtype] = (
+    {
+        onnx.TensorProto.FLOAT: np.dtype(np.float32),
+        onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+        onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+        onnx.TensorProto.INT32: np.dtype(np.int32),
+        onnx.TensorProto.INT64: np.dtype(np.int64),
+    }
+    if sys.byteorder == "little"
+    else {}
+)
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray:

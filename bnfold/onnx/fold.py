@@ -34,6 +34,8 @@ class GraphEdit:
     modified: set[str] = field(default_factory=set)
     store: TensorStore | None = None  # holds the folded values (None: a check, values stay as computed)
     forget: Callable[[gs.Tensor], None] = lambda tensor: None
+    dead: dict[int, gs.Node] = field(default_factory=dict, repr=False)  # cut off by `remove_dead`, in graph.nodes until `prune`
+    _own: tuple[list, int, set[int]] | None = field(default=None, init=False, repr=False)  # see `_own_nodes`
 
     def for_graph(self, graph: gs.Graph) -> "GraphEdit":
         """The same edit (names, modified set, store) on another graph of the model (a subgraph)."""
@@ -100,10 +102,13 @@ class GraphEdit:
         """Disconnect the folded chain, then drop whatever only it used (constant subexpressions).
 
         Targeted rather than `graph.cleanup()`: cleanup would also delete dead nodes the user already had,
-        which is not ours to change.
+        which is not ours to change. The nodes are cut off here (no inputs, no outputs: nothing reaches
+        them) and leave `graph.nodes` at `prune`, once per graph: rebuilding the list on every fold made
+        planning quadratic in the number of nodes.
         """
         graph = self.graph
         work: list[gs.Tensor] = list(tensors)
+        dead = self.dead
         for node in removed:
             work.extend(node.inputs)
             for t in node.inputs:
@@ -111,7 +116,7 @@ class GraphEdit:
                     self.modified.add(t.name)
             node.inputs.clear()
             node.outputs.clear()
-        dead = {id(n) for n in removed}
+            dead[id(node)] = node
         own: set[int] | None = None  # never reach into an outer graph from a subgraph
         while work:
             t = work.pop()
@@ -120,12 +125,31 @@ class GraphEdit:
                     self.modified.add(t.name)
                 continue
             producer = t.inputs[0]
-            if own is None:  # built on first need only: a plain Conv → BN fold never reaches a producer
-                own = {id(n) for n in graph.nodes}
+            if own is None:  # looked up on first need only: a plain Conv → BN fold never reaches a producer
+                own = self._own_nodes()
             if id(producer) not in own or any(o.outputs or is_graph_output(o, graph) for o in producer.outputs):
                 continue
             work.extend(producer.inputs)
             producer.inputs.clear()
             producer.outputs.clear()
-            dead.add(id(producer))
-        graph.nodes = [n for n in graph.nodes if id(n) not in dead]
+            dead[id(producer)] = producer
+
+    def _own_nodes(self) -> set[int]:
+        """Ids of `graph.nodes`, kept across folds: a dynamo export reaches a producer (its conv bias's
+        Expand) on every fold, and a set built each time made that O(nodes) per fold. Between prunes the
+        list only grows (`add_bias_after` appends), so the ids of its new tail are added; a list replaced
+        (`prune`) or shorter is counted again."""
+        nodes, cached = self.graph.nodes, self._own
+        if cached is None or cached[0] is not nodes or cached[1] > len(nodes):
+            cached = self._own = (nodes, len(nodes), {id(n) for n in nodes})
+        elif cached[1] < len(nodes):
+            cached[2].update(id(n) for n in nodes[cached[1] :])
+            cached = self._own = (nodes, len(nodes), cached[2])
+        return cached[2]
+
+    def prune(self) -> None:
+        """Take the nodes `remove_dead` cut off out of `graph.nodes` (the others keep their order)."""
+        if self.dead:
+            dead = self.dead
+            self.graph.nodes = [n for n in self.graph.nodes if id(n) not in dead]
+            dead.clear()

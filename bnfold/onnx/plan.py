@@ -104,8 +104,9 @@ def plan_model(
             for planned in plan.folds[first:]:
                 planned.graph = scratch.original(planned.graph)
                 planned.fold = _translated(planned.fold, scratch.original)
-        plan.nodes_after += _count_nodes(work)
-        plan.params_change += _count_params(work) - params_before
+        nodes_after, params_after = _count(work)
+        plan.nodes_after += nodes_after
+        plan.params_change += params_after - params_before
     return plan
 
 
@@ -115,10 +116,16 @@ def apply_plan(plan: Plan, edit: GraphEdit) -> None:
     A plan made in place is already applied: only the statuses change (and `edit.modified` learns
     what the folds changed, as a replay would have told it).
     """
+    edits: dict[int, GraphEdit] = {}  # one per graph, each pruned once at the end (`GraphEdit.prune`)
     for planned in plan.folds:
         if not plan.applied:
-            planned.fold.rule.apply(planned.fold, edit.for_graph(planned.graph))
+            graph_edit = edits.get(id(planned.graph))
+            if graph_edit is None:
+                graph_edit = edits[id(planned.graph)] = edit.for_graph(planned.graph)
+            planned.fold.rule.apply(planned.fold, graph_edit)
         planned.candidate.status = Status.FOLDED
+    for graph_edit in edits.values():
+        graph_edit.prune()
     if plan.applied:
         edit.modified |= plan.modified
 
@@ -151,6 +158,7 @@ def _plan_graph(ctx: PlanContext, edit: GraphEdit, plan: Plan, path: str) -> Non
             later.append(chain)
     for chain in later:
         _plan_chain(chain, ctx, edit, plan, path, may_wait=False)
+    edit.prune()  # the folded nodes leave graph.nodes once, before its subgraphs are looked for
     for node in list(graph.nodes):
         for key, value in node.attrs.items():
             if isinstance(value, gs.Graph):
@@ -270,25 +278,29 @@ def _translated(obj: Any, original: Callable[[Any], Any]) -> Any:
     return obj
 
 
-def _subgraphs(graph: gs.Graph):
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            if isinstance(value, gs.Graph):
-                yield value
-
-
-def _count_nodes(graph: gs.Graph) -> int:
-    return len(graph.nodes) + sum(_count_nodes(g) for g in _subgraphs(graph))
-
-
 def _count_params(graph: gs.Graph) -> int:
     """Elements of the constants the graph's nodes read, and of its Constant nodes, subgraphs included."""
-    seen: dict[int, int] = {}
-    total = 0
+    return _count(graph)[1]
+
+
+def _count(graph: gs.Graph) -> tuple[int, int]:
+    """(nodes, parameter elements) of the graph, subgraphs included, in one walk (`_count_params` says what counts).
+
+    It runs twice per plan over every node, so it is written for speed: only a node with attributes can
+    hold a Constant (a `value`) or a subgraph among them, and a constant's size is counted once per graph.
+    """
+    constants: dict[int, gs.Constant] = {}
+    nodes, params = len(graph.nodes), 0
     for node in graph.nodes:
-        for tensor in (*node.inputs, *node.attrs.values()):
-            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
-                seen[id(tensor)] = math.prod(tensor.shape)  # math, not numpy: it runs per tensor, twice per plan
-            elif isinstance(tensor, gs.Graph):
-                total += _count_params(tensor)
-    return total + sum(seen.values())
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Constant):
+                constants[id(tensor)] = tensor
+        if node.attrs:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Constant):
+                    constants[id(value)] = value
+                elif isinstance(value, gs.Graph):
+                    sub_nodes, sub_params = _count(value)
+                    nodes += sub_nodes
+                    params += sub_params
+    return nodes, params + sum(math.prod(t.shape) for t in constants.values())  # math, not numpy: per tensor

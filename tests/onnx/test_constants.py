@@ -228,3 +228,53 @@ def test_a_new_tensor_at_a_freed_tensors_address_is_not_given_its_value() -> Non
             break
         kept.append(new)
     assert resolver.resolve(new).value.tolist() == [2, 2, 2]
+
+
+def _expands(k: int):
+    """k tensors, each Expand(zero, [4]) by a node of its own: the same evaluation k times."""
+    import onnx_graphsurgeon as gs
+
+    zero, shape = gs.Constant("zero", np.array(0.0, np.float32)), gs.Constant("shape", np.array([4], np.int64))
+    outs = [gs.Variable(f"e{i}", np.float32, [4]) for i in range(k)]
+    nodes = [gs.Node("Expand", f"expand{i}", inputs=[zero, shape], outputs=[out]) for i, out in enumerate(outs)]
+    return gs.Graph(nodes=nodes, outputs=outs)
+
+
+def test_an_evaluation_met_again_is_remembered_and_still_charged(monkeypatch) -> None:
+    """Identical computed constants (a dynamo export's conv biases) are evaluated once, but every one is still
+    charged to the model's budget: with room for two, the third is refused exactly as without the memory."""
+    import bnfold.onnx.constants as constants
+
+    calls = []
+    real = constants._evaluate
+    monkeypatch.setattr(constants, "_evaluate", lambda *a: calls.append(a[0].name) or real(*a))
+
+    def resolved() -> list:
+        resolver = constants.ConstantResolver(set(), False, {}, 18, budget=constants.EvalBudget(elements=8))
+        return [(r.ok, None if r.value is None else r.value.tolist(), r.reason) for r in map(resolver.resolve, _expands(3).outputs)]
+
+    with_memory = resolved()
+    assert calls == ["expand0"]
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(constants, "_evaluation_key", lambda node, inputs: None)
+        assert resolved() == with_memory and calls == ["expand0", "expand1"]
+    assert [ok for ok, _, _ in with_memory] == [True, True, False] and "budget" in with_memory[2][2].message
+
+
+def test_evaluation_keys_tell_apart_what_an_evaluation_reads() -> None:
+    import onnx_graphsurgeon as gs
+
+    from bnfold.onnx.constants import KEY_INPUT_BYTES, _evaluation_key
+
+    def key(inputs, **attrs):
+        return _evaluation_key(gs.Node("Op", attrs=attrs, outputs=[gs.Variable("y")]), inputs)
+
+    one_i32, tiny_f32 = np.array([1], np.int32), np.array([1], np.int32).view(np.float32)  # same bytes
+    assert key([one_i32]) != key([tiny_f32]) and key([one_i32]) != key([one_i32.reshape(1, 1)])
+    assert key([one_i32]) == key([one_i32.copy()]) and key([None, one_i32]) != key([one_i32, None])
+    assert key([], a=0.0) != key([], a=-0.0) and key([], a=1) != key([], a=True) and key([], a=1) != key([], a=1.0)
+    assert key([], a=[1, 2]) != key([], a=[2, 1]) and key([], a="x") == key([], a="x")
+    assert key([], a=float("nan")) is None  # equals nothing, so never found again: not remembered at all
+    assert key([np.zeros(KEY_INPUT_BYTES // 4 + 1, np.float32)]) is None
+    assert key([], value=gs.Constant("v", np.array([0.5], np.float32))) != key([], value=gs.Constant("v", np.array([0.5], np.float16)))

@@ -26,16 +26,24 @@ block) returns a `Site` subclass naming them, one `LayerPlan` per layer, and ove
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Iterator, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from bnfold.affine import Affine, FoldOverflowError, round_to_dtype
-from bnfold.onnx.chain import AffineStep, batchnorm_step, compose, display, elementwise_step, is_graph_output
+from bnfold.onnx.chain import (
+    AffineStep,
+    PrecomputedAffine,
+    batchnorm_affines,
+    batchnorm_step,
+    compose,
+    display,
+    elementwise_step,
+    is_graph_output,
+)
 from bnfold.onnx.constants import ConstantResolver
 from bnfold.onnx.fold import GraphEdit
 from bnfold.report import Reason, SkipReason
@@ -78,6 +86,9 @@ class PlanContext:
     resolver: ConstantResolver
     shapes: dict[str, tuple[list[int | None], int]]
     dry_run: bool = False  # a check: a rule may skip computing a value whose decisions it can prove without it
+    # the graph's plain BatchNorms done at once (`chain.batchnorm_affines`), on the first one asked for; not
+    # carried to another graph by `for_graph`
+    _batchnorms: dict[int, PrecomputedAffine] | None = field(default=None, init=False, repr=False, compare=False)
 
     def for_graph(self, graph: gs.Graph) -> "PlanContext":
         return replace(self, graph=graph)
@@ -105,7 +116,9 @@ class PlanContext:
         if not is_standard(node):
             return None
         if node.op == "BatchNormalization":
-            return batchnorm_step(node, self.resolver)
+            if self._batchnorms is None:
+                self._batchnorms = batchnorm_affines(self.graph.nodes, self.resolver)
+            return batchnorm_step(node, self.resolver, self._batchnorms)
         return elementwise_step(node, self.resolver, self.rank_of, self.static_shape)
 
     def const(self, node: gs.Node, index: int, label: str) -> np.ndarray | None:
@@ -363,10 +376,22 @@ def with_bias_after(plan: LayerPlan, bias: np.ndarray, dtype: np.dtype) -> Layer
     return plan
 
 
-@contextmanager
-def overflow_refused() -> Iterator[None]:
+class _OverflowRefused:
+    """`overflow_refused` as a plain context manager: entered once per fold, where a generator-based one
+    (contextlib) costs a few microseconds more than the rest of the bookkeeping around it."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None and issubclass(kind, FoldOverflowError):
+            refuse(Reason.FP16_OVERFLOW, str(exc))
+        return False
+
+
+_OVERFLOW_REFUSED = _OverflowRefused()
+
+
+def overflow_refused() -> _OverflowRefused:
     """Turn `FoldOverflowError` from the rounding into a refusal with the `overflow` code."""
-    try:
-        yield
-    except FoldOverflowError as exc:
-        refuse(Reason.FP16_OVERFLOW, str(exc))
+    return _OVERFLOW_REFUSED
