@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -147,16 +148,31 @@ class StandIn(np.ndarray):
     """A folded value a dry run did not compute: right shape and dtype, one zero shared by every element.
 
     Made by `stand_in`; holders of folded values (`bnfold.onnx.fold`) keep it as it is instead of
-    copying it into a contiguous array, so a check holds no folded weight.
+    copying it into a contiguous array, so a check holds no folded weight. A later fold of the same
+    plan may read that value again (a RepVGG merge reads the branch convs' folded weights): it must then
+    read the real one, computed on demand by `real` — its zeros would hide an overflow the fold meets.
     """
 
+    compute: Callable[[], np.ndarray] | None = None
 
-def stand_in(shape: tuple[int, ...], dtype: np.dtype) -> StandIn:
-    """A read-only array of `shape` and `dtype` that costs one element of memory (every stride 0)."""
+    def real(self) -> np.ndarray:
+        """The value this stands in for, computed now (what the fold itself computed at once)."""
+        if self.compute is None:
+            raise AssertionError("a stand-in without the computation it stands for")
+        value = self.compute()
+        assert value.shape == self.shape and value.dtype == self.dtype
+        return value
+
+
+def stand_in(shape: tuple[int, ...], dtype: np.dtype, compute: Callable[[], np.ndarray] | None = None) -> StandIn:
+    """A read-only array of `shape` and `dtype` that costs one element of memory (every stride 0);
+    ``compute``: how to get the real value, should anything read it (`StandIn.real`)."""
     dtype = np.dtype(dtype)
     shape = tuple(int(d) for d in shape)
     # what `np.broadcast_to(np.zeros((), dtype), shape)` makes (read-only, every stride 0), built directly
-    return StandIn(shape, dtype, buffer=bytes(dtype.itemsize), strides=(0,) * len(shape))
+    out = StandIn(shape, dtype, buffer=bytes(dtype.itemsize), strides=(0,) * len(shape))
+    out.compute = compute
+    return out
 
 
 def scaling_rounds_cleanly(values: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> bool:
@@ -258,7 +274,8 @@ def fold_into_conv_rounded(
     b = np.zeros(w.shape[0], F64) if bias is None else as_f64(bias).reshape(-1)
     if dry_run and scaling_rounds_cleanly(w, a.scale, weight_dtype):
         new_bias, n = round_to_dtype(a.scale * b + a.shift, bias_dtype, f"bias of {what}")
-        return stand_in(w.shape, weight_dtype), new_bias, n
+        compute = lambda: fold_into_conv_rounded(weight, bias, a, weight_dtype, bias_dtype, what)[0]  # noqa: E731
+        return stand_in(w.shape, weight_dtype, compute), new_bias, n
     out = np.empty(w.shape, dtype=np.dtype(weight_dtype))
     per = max(1, BLOCK_ELEMENTS // max(1, int(np.prod(w.shape[1:]))))
     flushed = 0

@@ -58,3 +58,38 @@ def test_non_finite_weights_are_computed() -> None:
     assert not A.scaling_rounds_cleanly(w, np.ones(3), np.float32)
     assert not A.scaling_rounds_cleanly(np.ones(3, np.float32), np.array([np.inf, 1.0, 1.0]), np.float32)
     assert A.scaling_rounds_cleanly(np.ones(3, np.float32), np.array([0.0, 1.0, 2.0]), np.float32)
+
+
+def test_a_later_fold_reads_the_real_value_not_the_stand_in() -> None:
+    """RepVGG in float16: each branch BN folds into its conv (a check leaves those weights uncomputed),
+    then the merge sums the branches' folded weights, which overflows float16. The check must read the
+    real folded weights and refuse the merge as the fold does, not sum the stand-ins' zeros."""
+    import onnx
+    from onnx import numpy_helper
+
+    from bnfold import check_onnx, fold_onnx
+    from tests.onnx.helpers import F16
+    from tests.onnx.test_reparam import single
+
+    m = single(np.random.default_rng(0), c=4, dtype=F16)
+    for t in m.graph.initializer:
+        kind = t.name.split(".")[-1]
+        if kind in ("w0", "w1"):  # diagonal kernels of 40000: each fits float16, their sum does not
+            a = np.zeros(tuple(t.dims), np.float16)
+            at = 1 if kind == "w0" else 0
+            for i in range(4):
+                a[i, i, at, at] = 40000
+        elif (".bn0." in t.name or ".bn1." in t.name) and kind in ("scale", "bias", "mean", "var"):  # ≈ identity maps
+            a = np.full(tuple(t.dims), 1.0 if kind in ("scale", "var") else 0.0, np.float16)
+        else:
+            continue
+        t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.checker.check_model(m)
+
+    def outcome(report):
+        return [(c.target, c.rule, [r.code.value for r in c.reasons]) for c in report.candidates]
+
+    checked, (_, folded) = check_onnx(m), fold_onnx(m)
+    assert outcome(checked) == outcome(folded)
+    assert [r.code.value for c in folded.candidates for r in c.reasons] == ["overflow"]
+    assert folded.folded == checked.foldable == 2
