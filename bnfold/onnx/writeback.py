@@ -28,7 +28,8 @@ its i-th NodeProto. `write_back` then compares the graph with that record:
   constant there becomes a Constant node, as onnx-graphsurgeon's function export does.
 * graph inputs: an initializer the fold removed leaves them; from IR 4 on, so does an overridable one it
   changed (overriding it would no longer mean the same); before IR 4, which requires every initializer
-  listed, each new one is added. value_info of a tensor that no longer exists goes.
+  listed, each new one is added. value_info and quantization annotations of a tensor that no longer
+  exists go.
 
 Doc strings, metadata_props, value_info, opset imports, functions and the model's own fields are never
 touched, so nothing has to be restored.
@@ -182,7 +183,8 @@ def _changes(part: _Part, body: Body, original: Body) -> _Changes:
     """Compare one part's nodes with the record: which were rewired, changed, created; what they read."""
     live = list(part.graph.nodes)
     found = _Changes(live, body, original)
-    names = found.names = set() if len(getattr(body, "value_info", ())) else None
+    annotated = len(getattr(body, "value_info", ())) or len(getattr(body, "quantization_annotation", ()))
+    names = found.names = set() if annotated else None
     index, state, is_ = part.index, part.state, operator.is_
     reads = found.reads
     for node in live:
@@ -532,7 +534,13 @@ def _write_graph_inputs(
 
 
 def _prune_value_info(body: Body, names: set[str]) -> None:
-    """value_info of tensors the fold removed goes; the rest stays as the source had it."""
+    """value_info and quantization annotations of tensors the fold removed go; the rest stays as the
+    source had it (an annotation naming a tensor that no longer exists would mislead a quantizer)."""
     gone = [k for k, v in enumerate(body.value_info) if v.name not in names]
     for k in reversed(gone):
         del body.value_info[k]
+    annotations = getattr(body, "quantization_annotation", None)
+    if annotations is not None:
+        gone = [k for k, a in enumerate(annotations) if a.tensor_name not in names]
+        for k in reversed(gone):
+            del annotations[k]

@@ -33,7 +33,8 @@ from tests.onnx.test_subgraphs import if_model
 
 def _annotated() -> onnx.ModelProto:
     """Identity → Conv → BN → Relu → GAP → Reshape → MatMul → BN, doc strings and metadata on the nodes,
-    value_info for a tensor the fold removes and one it keeps, and an initializer no node reads."""
+    value_info and quantization annotations for a tensor the fold removes and one it keeps, and an
+    initializer no node reads."""
     rng = np.random.default_rng(5)
     nodes = [
         helper.make_node("Identity", ["input"], ["x"], name="entry", doc_string="first"),
@@ -63,6 +64,11 @@ def _annotated() -> onnx.ModelProto:
         helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 4, 6, 6]),
     ])
     m.graph.value_info[1].doc_string = "after the relu"
+    for tensor in ("c", "r"):
+        note = m.graph.quantization_annotation.add()
+        note.tensor_name = tensor
+        entry = note.quant_parameter_tensor_names.add()
+        entry.key, entry.value = "SCALE_TENSOR", "unused"
     onnx.checker.check_model(m, full_check=True)
     return m
 
@@ -102,6 +108,9 @@ def test_untouched_nodes_stay_as_they_were_and_new_ones_go_where_they_are_read()
     assert list(got["fc_bias_add"].output) == ["logits"] and list(got["fc"].output) == [got["fc_bias_add"].input[0]]
     # value_info: the removed tensor's goes, the rest as it was
     assert [v.SerializeToString() for v in out.graph.value_info] == [m.graph.value_info[1].SerializeToString()]
+    assert [a.SerializeToString() for a in out.graph.quantization_annotation] == [
+        m.graph.quantization_annotation[1].SerializeToString()
+    ]
     # initializers: untouched ones as they were, in their order; the user's unused one stays; folded BN parameters go
     names = [t.name for t in out.graph.initializer]
     assert names[:4] == ["conv.w", "flat.shape", "fc.w", "unused"] and not any(n.startswith("bn") for n in names)
