@@ -105,10 +105,10 @@ def fold_file(
 
     from bnfold import files
 
-    original, had_external, skeleton = io.load_checked(source, load_data=False)
+    original, had_external, skeleton, data_files = io.load_checked(source, load_data=False)
     external = (had_external or None) if external_data is None else external_data
     in_place = os.path.exists(target) and os.path.samefile(source, target)
-    protect = set() if in_place else io.external_data_files(original, Path(source), absolute=False)
+    protect = set() if in_place else data_files
     target_path = io.check_writable(target, external_data=external, protect=protect, force=force, follow_symlink=in_place)
     with files.removing_temps_on_signals():
         spill_ctx = (tempfile.TemporaryDirectory(prefix=files.TEMP_PREFIX + "spill-", dir=target_path.parent)
@@ -214,7 +214,7 @@ def check_onnx(
     computes stay in memory until it returns (with no spill file, that is the price of writing nothing).
     """
     if isinstance(model, (str, os.PathLike)):
-        proto, _, skeleton = io.load_checked(model, load_data=False)
+        proto, _, skeleton, _ = io.load_checked(model, load_data=False)
         options = FoldOptions(assume_constant=assume_constant, dry_run=True, source=str(model), checked=True, skeleton=skeleton)
         return _fold_model(proto, options)[1]
     return _fold_model(model, FoldOptions(assume_constant=assume_constant, dry_run=True))[1]

@@ -15,7 +15,7 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Iterator
+from typing import Callable, Collection, Iterator, NamedTuple
 
 import numpy as np
 import onnx
@@ -46,17 +46,25 @@ def load_model_and_layout(
     its dims; external data is read only from regular files inside the model's folder
     (`external_data_files`), all of it checked before any byte of it is read.
     """
-    model, external, _ = load_checked(path, check=check, load_data=load_data)
-    return model, external
+    loaded = load_checked(path, check=check, load_data=load_data)
+    return loaded.model, loaded.external
 
 
-def load_checked(
-    path: str | os.PathLike[str], *, check: bool = True, load_data: bool = True
-) -> tuple[onnx.ModelProto, bool, onnx.ModelProto | None]:
-    """`load_model_and_layout`, plus the skeleton the checker ran on (None where it checked by path).
+class Loaded(NamedTuple):
+    """A model file as `load_checked` read it."""
+
+    model: onnx.ModelProto
+    external: bool  # its file kept tensors in external data
+    skeleton: onnx.ModelProto | None  # what the checker ran on (None where it checked by path)
+    data_files: set[str]  # the resolved external data files it reads (`external_data_files`)
+
+
+def load_checked(path: str | os.PathLike[str], *, check: bool = True, load_data: bool = True) -> Loaded:
+    """`load_model_and_layout`, plus the skeleton the checker ran on and the data files the model reads.
 
     The pass hands that skeleton on to shape inference (`api.infer_shapes`): building it walks every
-    node, which on a 10 MB model costs as much as a tenth of reading the file.
+    node, which on a 10 MB model costs as much as a tenth of reading the file. `fold_file` protects the
+    data files from being overwritten.
     """
     p = Path(path)
     model = _parse(p)
@@ -65,7 +73,7 @@ def load_checked(
     tensors = model_tensors(model)
     external = tensors.external
     check_tensor_sizes(model, what=str(p), tensors=tensors)
-    external_data_files(model, p, absolute=True, tensors=tensors)
+    data_files = external_data_files(model, p, absolute=True, tensors=tensors)
     if load_data:
         _load_external(model)
     if check and external:  # by path: the checker sees the external files as they are, at any size
@@ -76,8 +84,8 @@ def load_checked(
         except Exception as exc:  # the checker's own loader on a file it dislikes
             raise InputError(f"{p}: fails the ONNX checker: {_short(exc)}") from None
     elif check:  # the weights are plain bytes here; checking the structure needs no copy of them
-        return model, external, check_model(model, what=str(p))
-    return model, external, None
+        return Loaded(model, external, check_model(model, what=str(p)), data_files)
+    return Loaded(model, external, None, data_files)
 
 
 def check_external_data(path: str | os.PathLike[str]) -> None:
